@@ -1,0 +1,202 @@
+"""LightningDataModules that deliver meta-batches of episodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from metalearn.data.episodes import (
+    EpisodeSampler,
+    FixedEpisodes,
+    TrainEpisodes,
+    check_episode_geometry,
+)
+from metalearn.data.omniglot import (
+    OMNIGLOT_SPLITS,
+    OmniglotCharacters,
+    load_omniglot,
+    prepare_omniglot,
+    split_characters,
+)
+from metalearn.errors import ConfigError
+
+__all__ = ["EpisodicDataModule", "OmniglotDataModule", "SPLIT_NAMES"]
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class EpisodicDataModule(pl.LightningDataModule):
+    """Base class: episode geometry, samplers and data loaders; subclasses load the images.
+
+    Training meta-batches form one stream that starts at the trainer's global step (so a
+    resumed run continues it) and ends at ``trainer.max_steps``; validation and test use
+    fixed episodes drawn with ``eval_seed``, the same for every training seed.
+
+    Args:
+        ways: N, classes per episode.
+        shots: K, support images per class.
+        query_shots: Q, query images per class.
+        meta_batch: B, episodes per outer step (global, over all ranks).
+        val_episodes: number of fixed validation episodes.
+        test_episodes: number of fixed test episodes (600 in the paper's protocol).
+        eval_meta_batch: episodes per validation / test batch.
+        seed: seed of the training episode stream.
+        eval_seed: seed of the validation and test episodes.
+        disjoint: support and query images distinct (``False``: the paper's public
+            sampler, in which a query image may repeat a support image).
+        num_workers: data-loader worker processes (sampling is cheap; 0 is usually best).
+    """
+
+    def __init__(
+        self,
+        ways: int = 5,
+        shots: int = 1,
+        query_shots: int = 15,
+        meta_batch: int = 4,
+        val_episodes: int = 600,
+        test_episodes: int = 600,
+        eval_meta_batch: int = 50,
+        seed: int = 0,
+        eval_seed: int = 0,
+        disjoint: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        check_episode_geometry(ways, shots, query_shots)
+        for name, value in (
+            ("meta_batch", meta_batch),
+            ("val_episodes", val_episodes),
+            ("test_episodes", test_episodes),
+            ("eval_meta_batch", eval_meta_batch),
+        ):
+            if value < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.meta_batch, self.eval_meta_batch = meta_batch, eval_meta_batch
+        self.val_episodes, self.test_episodes = val_episodes, test_episodes
+        self.seed, self.eval_seed, self.disjoint = seed, eval_seed, disjoint
+        self.num_workers = num_workers
+        self.samplers: dict[str, EpisodeSampler] = {}
+
+    # -- to implement -------------------------------------------------------------------
+    def load_splits(self) -> dict[str, Tensor]:
+        """Return ``{"train", "val", "test"}`` -> uint8 (classes, per_class, C, H, W)."""
+        raise NotImplementedError
+
+    # -- Lightning hooks ----------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.samplers:
+            return
+        for split, images in self.load_splits().items():
+            seed = self.seed if split == "train" else self.eval_seed
+            self.samplers[split] = EpisodeSampler(
+                images, self.ways, self.shots, self.query_shots, seed, split, self.disjoint
+            )
+
+    def _loader(self, dataset: torch.utils.data.Dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        start = trainer.global_step if trainer is not None else 0
+        max_steps = trainer.max_steps if trainer is not None else -1
+        num_steps = None if max_steps is None or max_steps < 0 else max(max_steps - start, 0)
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        stream = TrainEpisodes(self.samplers["train"], self.meta_batch, start, num_steps, rank, world)
+        return self._loader(stream)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(
+            FixedEpisodes(self.samplers["val"], self.val_episodes, self.eval_meta_batch)
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(
+            FixedEpisodes(self.samplers["test"], self.test_episodes, self.eval_meta_batch)
+        )
+
+
+def with_rotations(images: Tensor, rotations: bool) -> Tensor:
+    """(n, per_class, H, W) -> (4n, per_class, 1, H, W): class 4c + k is character c turned k·90°."""
+    if not rotations:
+        return images.unsqueeze(2)
+    turned = torch.stack([torch.rot90(images, k, dims=(-2, -1)) for k in range(4)], dim=1)
+    return turned.flatten(0, 1).unsqueeze(2).contiguous()
+
+
+class OmniglotDataModule(EpisodicDataModule):
+    """Omniglot episodes (28x28, ink = 1, characters x 4 rotations as classes).
+
+    Reads the official layout under ``<data_dir>/omniglot/omniglot-py/`` (zips or folders),
+    downloading the official zips in :meth:`prepare_data` when absent and ``download`` is
+    set, and decodes it once into a uint8 cache under ``cache_dir``.
+
+    Args:
+        data_dir: data root (``paths.data_dir``).
+        cache_dir: where the decoded uint8 cache is written (``paths.cache_dir``).
+        split: ``paper`` (1623 characters shuffled with seed 0: 1200 / 100 / 323),
+            ``vinyals`` (1028 / 172 / 423, from ``split_dir``) or ``lake`` (background
+            alphabets for training and validation, evaluation alphabets for test).
+        split_dir: folder with the Vinyals ``{train,val,test}.json`` files.
+        image_size: side of the resized images.
+        rotations: add the 90°, 180° and 270° rotations as distinct classes.
+        download: download the official zips when the data set is absent.
+        expected_characters: characters per collection, when not the official 964 / 659
+            (small generated copies in tests).
+        **kwargs: episode geometry and loaders, see :class:`EpisodicDataModule`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        cache_dir: str | Path = ".cache",
+        split: str = "paper",
+        split_dir: str | Path | None = None,
+        image_size: int = 28,
+        rotations: bool = True,
+        download: bool = True,
+        expected_characters: dict[str, int] | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        if split not in OMNIGLOT_SPLITS:
+            raise ConfigError(
+                f"unknown Omniglot split {split!r}: choose one of {', '.join(OMNIGLOT_SPLITS)}"
+            )
+        self.save_hyperparameters()
+        self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
+        self.split, self.split_dir = split, split_dir
+        self.image_size, self.rotations, self.download = image_size, rotations, download
+        self.expected_characters = expected_characters
+        self.characters: OmniglotCharacters | None = None
+
+    def prepare_data(self) -> None:
+        prepare_omniglot(
+            self.data_dir, download=self.download, expected_characters=self.expected_characters
+        )
+
+    def load_splits(self) -> dict[str, Tensor]:
+        chars = load_omniglot(
+            self.data_dir,
+            self.cache_dir,
+            self.image_size,
+            download=False,
+            expected_characters=self.expected_characters,
+        )
+        self.characters = chars
+        index = split_characters(chars.names, self.split, self.split_dir)
+        return {
+            name: with_rotations(chars.images[torch.from_numpy(index[name])], self.rotations)
+            for name in SPLIT_NAMES
+        }

@@ -1,0 +1,234 @@
+"""Episode sampling: N-way K-shot episodes as pure functions of (seed, split, episode index)."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, IterableDataset
+
+from metalearn.errors import ConfigError
+
+__all__ = [
+    "EpisodeBatch",
+    "EpisodeSampler",
+    "TrainEpisodes",
+    "FixedEpisodes",
+    "check_episode_geometry",
+]
+
+
+class EpisodeBatch(NamedTuple):
+    """A meta-batch of B episodes of the same geometry (N ways, K shots, Q queries per class).
+
+    Images stay uint8 (0..255) until they reach the model's device, where they are scaled
+    per meta-batch; a float copy of a whole split is never made.
+
+    Attributes:
+        support: (B, N*K, C, H, W) uint8 support images, class-major (K images of label 0 first).
+        support_labels: (B, N*K) int64 labels in [0, N).
+        query: (B, N*Q, C, H, W) uint8 query images, class-major.
+        query_labels: (B, N*Q) int64 labels in [0, N).
+        episode_ids: (B,) int64 global indices of the episodes in their split's stream.
+        ways: N.
+    """
+
+    support: Tensor
+    support_labels: Tensor
+    query: Tensor
+    query_labels: Tensor
+    episode_ids: Tensor
+    ways: int
+
+
+def check_episode_geometry(ways: int, shots: int, query_shots: int) -> None:
+    """Raise :class:`ConfigError` for impossible episode sizes (before any data is read)."""
+    for name, value, low in (("ways", ways, 2), ("shots", shots, 1), ("query_shots", query_shots, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"data.{name} must be an integer >= {low}, got {value!r}")
+
+
+def _split_code(split: str) -> int:
+    return zlib.crc32(split.encode())
+
+
+class EpisodeSampler:
+    """Draws episodes from a split stored as one uint8 tensor, indexed by class.
+
+    Episode ``i`` is a pure function of ``(seed, split, i)``: its random generator is
+    ``numpy.random.default_rng([seed, crc32(split), i])``. It picks N distinct classes (the
+    order of the pick defines the labels 0..N-1) and, per class, K support and Q query
+    images. With ``disjoint=True`` (the default, the clean protocol) support and query
+    images are distinct; with ``disjoint=False`` they are drawn independently, so a query
+    image may repeat a support image, as in the paper's public sampler.
+
+    Args:
+        images: (num_classes, images_per_class, C, H, W) uint8 tensor of the split.
+        ways: N.
+        shots: K, support images per class.
+        query_shots: Q, query images per class.
+        seed: seed of the episode stream.
+        split: name of the split (part of every episode's seed).
+        disjoint: keep support and query images distinct.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        ways: int,
+        shots: int,
+        query_shots: int,
+        seed: int,
+        split: str,
+        disjoint: bool = True,
+    ) -> None:
+        check_episode_geometry(ways, shots, query_shots)
+        if images.dim() != 5 or images.dtype != torch.uint8:
+            raise ValueError(
+                f"images must be a uint8 tensor (classes, per_class, C, H, W), got "
+                f"{images.dtype} {tuple(images.shape)}"
+            )
+        num_classes, per_class = images.shape[:2]
+        if ways > num_classes:
+            raise ConfigError(
+                f"data.ways={ways} is more than the {num_classes} classes of the {split!r} split"
+            )
+        needed = shots + query_shots if disjoint else max(shots, query_shots)
+        if needed > per_class:
+            what = (
+                f"shots + query_shots = {shots} + {query_shots}"
+                if disjoint
+                else f"max(shots, query_shots) = {needed}"
+            )
+            raise ConfigError(
+                f"{what} is more than the {per_class} images per class of the {split!r} split; "
+                f"lower data.shots or data.query_shots"
+            )
+        self.images = images
+        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.seed, self.split, self.disjoint = seed, split, disjoint
+        self._code = _split_code(split)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.images.shape[0])
+
+    def episode_indices(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Classes and image positions of episode ``index``.
+
+        Returns:
+            ``(classes (N,), support (N, K), query (N, Q))`` integer arrays: the classes
+            picked, and for each the positions of its support and query images.
+        """
+        rng = np.random.default_rng([self.seed, self._code, index])
+        per_class = self.images.shape[1]
+        classes = rng.choice(self.num_classes, size=self.ways, replace=False)
+        order = np.argsort(rng.random((self.ways, per_class)), axis=1)
+        support = order[:, : self.shots]
+        if self.disjoint:
+            query = order[:, self.shots : self.shots + self.query_shots]
+        else:
+            query = np.argsort(rng.random((self.ways, per_class)), axis=1)[:, : self.query_shots]
+        return classes, support, query
+
+    def sample(self, indices: Sequence[int]) -> EpisodeBatch:
+        """Gather the episodes ``indices`` into one :class:`EpisodeBatch`."""
+        picks = [self.episode_indices(int(i)) for i in indices]
+        classes = torch.from_numpy(np.stack([p[0] for p in picks]))[:, :, None]
+        support_pos = torch.from_numpy(np.stack([p[1] for p in picks]))
+        query_pos = torch.from_numpy(np.stack([p[2] for p in picks]))
+        batch = len(picks)
+        shape = self.images.shape[2:]
+        support = self.images[classes, support_pos].reshape(batch, -1, *shape)
+        query = self.images[classes, query_pos].reshape(batch, -1, *shape)
+        labels = torch.arange(self.ways)
+        return EpisodeBatch(
+            support=support,
+            support_labels=labels.repeat_interleave(self.shots).expand(batch, -1).contiguous(),
+            query=query,
+            query_labels=labels.repeat_interleave(self.query_shots).expand(batch, -1).contiguous(),
+            episode_ids=torch.as_tensor(list(indices), dtype=torch.int64),
+            ways=self.ways,
+        )
+
+
+class TrainEpisodes(IterableDataset):
+    """The training stream: meta-batch ``s`` holds episodes ``s * B .. s * B + B - 1``.
+
+    The stream is a function of the global step only, so it continues where a resumed run
+    stopped (``start_step``), and it is the same for any number of data-loader workers or
+    ranks: with ``world_size`` ranks, rank r takes the r-th contiguous slice of B /
+    world_size episodes of every meta-batch, and the union over ranks is the 1-rank stream.
+
+    Args:
+        sampler: the split's episode sampler.
+        meta_batch: B, global number of episodes per outer step.
+        start_step: first step to yield.
+        num_steps: number of steps to yield (``None``: endless).
+        rank: this process's rank.
+        world_size: number of ranks; must divide ``meta_batch``.
+    """
+
+    def __init__(
+        self,
+        sampler: EpisodeSampler,
+        meta_batch: int,
+        start_step: int = 0,
+        num_steps: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if meta_batch < 1:
+            raise ConfigError(f"data.meta_batch must be >= 1, got {meta_batch}")
+        if meta_batch % world_size:
+            raise ConfigError(
+                f"data.meta_batch={meta_batch} is the global number of episodes per step and "
+                f"must be divisible by the number of ranks ({world_size})"
+            )
+        self.sampler, self.meta_batch = sampler, meta_batch
+        self.start_step, self.num_steps = start_step, num_steps
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        if self.num_steps is None:
+            raise TypeError("an endless episode stream has no length")
+        return self.num_steps
+
+    def episode_ids(self, step: int) -> range:
+        local = self.meta_batch // self.world_size
+        first = step * self.meta_batch + self.rank * local
+        return range(first, first + local)
+
+    def __iter__(self) -> Iterator[EpisodeBatch]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        step = self.start_step + worker
+        end = None if self.num_steps is None else self.start_step + self.num_steps
+        while end is None or step < end:
+            yield self.sampler.sample(self.episode_ids(step))
+            step += workers
+
+
+class FixedEpisodes(Dataset):
+    """A fixed set of ``episodes`` evaluation episodes in meta-batches of ``meta_batch``."""
+
+    def __init__(self, sampler: EpisodeSampler, episodes: int, meta_batch: int) -> None:
+        if episodes < 1 or meta_batch < 1:
+            raise ConfigError(
+                f"evaluation needs episodes >= 1 and meta_batch >= 1, got {episodes}, {meta_batch}"
+            )
+        self.sampler, self.episodes, self.meta_batch = sampler, episodes, meta_batch
+
+    def __len__(self) -> int:
+        return math.ceil(self.episodes / self.meta_batch)
+
+    def __getitem__(self, index: int) -> EpisodeBatch:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        first = index * self.meta_batch
+        return self.sampler.sample(range(first, min(first + self.meta_batch, self.episodes)))

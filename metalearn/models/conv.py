@@ -1,0 +1,183 @@
+"""Convolutional representation networks h_λ (the outer variables) with episodic BatchNorm."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["EpisodeBatchNorm2d", "ConvBackbone", "NormMode"]
+
+#: ``"batch"``: always normalize with the statistics of the current batch (train and eval),
+#: per episode when the input has an episode dimension (see :class:`ConvBackbone`). This is
+#: the paper's choice (its code keeps no running statistics). ``"running"``: conventional
+#: BatchNorm, batch statistics in training and running averages in ``eval()`` mode, so an
+#: image's features do not depend on the other images of the batch.
+NormMode = Literal["batch", "running"]
+
+
+class EpisodeBatchNorm2d(nn.Module):
+    """BatchNorm over channels whose statistics can be taken per group of the batch.
+
+    The input is (M * G, C, H, W) in *example-major* order: row ``m * G + g`` is example m of
+    group g. Seen as (M, G * C, H, W), that tensor is a free view on which one fused
+    ``F.batch_norm`` call computes one mean and variance per (group, channel) pair, so
+    per-episode statistics cost no copy.
+
+    Args:
+        channels: number of channels C.
+        scale: learn a per-channel scale γ (the paper's code learns only the shift β).
+        mode: see :data:`NormMode`.
+        eps: added to the variance.
+        momentum: running-average momentum (``mode="running"`` only).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        scale: bool = False,
+        mode: NormMode = "batch",
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if mode not in ("batch", "running"):
+            raise ValueError(f"unknown BatchNorm mode {mode!r}: choose 'batch' or 'running'")
+        self.channels, self.mode, self.eps, self.momentum = channels, mode, eps, momentum
+        self.weight = nn.Parameter(torch.ones(channels)) if scale else None
+        self.bias = nn.Parameter(torch.zeros(channels))
+        if mode == "running":
+            self.register_buffer("running_mean", torch.zeros(channels))
+            self.register_buffer("running_var", torch.ones(channels))
+        else:
+            self.running_mean: Tensor | None = None
+            self.running_var: Tensor | None = None
+
+    def forward(self, x: Tensor, groups: int = 1) -> Tensor:
+        """Normalize (M * G, C, H, W); with ``mode="batch"`` statistics are per group."""
+        if self.mode == "running" or groups == 1:
+            return F.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                training=self.training or self.mode == "batch",
+                momentum=self.momentum,
+                eps=self.eps,
+            )
+        rows, channels, height, width = x.shape
+        weight = None if self.weight is None else self.weight.repeat(groups)
+        out = F.batch_norm(
+            x.view(rows // groups, groups * channels, height, width),
+            None,
+            None,
+            weight,
+            self.bias.repeat(groups),
+            training=True,
+            eps=self.eps,
+        )
+        return out.view(rows, channels, height, width)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, scale={self.weight is not None}, mode={self.mode}"
+
+
+class ConvBlock(nn.Module):
+    """3x3 conv (no bias: BatchNorm's shift replaces it), BatchNorm, ReLU, optional max-pool."""
+
+    def __init__(
+        self, cin: int, cout: int, stride: int, pool: bool, norm: NormMode, bn_scale: bool
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.norm = EpisodeBatchNorm2d(cout, scale=bn_scale, mode=norm)
+        self.pool = pool
+
+    def forward(self, x: Tensor, groups: int = 1) -> Tensor:
+        x = F.relu(self.norm(self.conv(x), groups), inplace=True)
+        return F.max_pool2d(x, 2) if self.pool else x
+
+
+class ConvBackbone(nn.Module):
+    """The paper's conv representations: ``depth`` x [3x3 conv, BatchNorm, ReLU (, max-pool)].
+
+    * Omniglot (the default): 4 x [64 filters, stride 2, no pooling] on 1 x 28 x 28 images,
+      28 -> 14 -> 7 -> 4 -> 2, flattened to 64 * 2 * 2 = 256 features.
+    * miniImageNet conv4: ``in_channels=3, channels=32, stride=1, pool=True,
+      image_size=84``: 84 -> 42 -> 21 -> 10 -> 5, flattened to 32 * 5 * 5 = 800 features.
+
+    Inputs:
+        * (N, C, H, W): one batch of images; BatchNorm statistics over the whole batch.
+        * (G, M, C, H, W): G episodes (or support / query sets) of M images each; with
+          ``norm="batch"`` each episode is normalized with its own statistics, so an
+          episode's features never depend on the other episodes of the meta-batch.
+          Output (G, M, d).
+
+    BatchNorm mode (``norm``): ``"batch"`` always uses the statistics of the current batch
+    or episode, in training and evaluation alike, like the paper's code (which keeps only a
+    learned shift, ``bn_scale=False``); evaluation is then transductive within an episode.
+    ``"running"`` is conventional BatchNorm with running averages in ``eval()`` mode.
+
+    Args:
+        in_channels: image channels (1 for Omniglot, 3 for miniImageNet).
+        channels: filters per conv layer.
+        depth: number of conv blocks.
+        stride: stride of every conv.
+        pool: 2x2 max-pool after every block.
+        image_size: input height = width, used to compute :attr:`feature_dim`.
+        norm: BatchNorm mode, see above.
+        bn_scale: learn a BatchNorm scale γ as well as the shift β.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: int = 64,
+        depth: int = 4,
+        stride: int = 2,
+        pool: bool = False,
+        image_size: int = 28,
+        norm: NormMode = "batch",
+        bn_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.image_size = in_channels, image_size
+        widths = [in_channels] + [channels] * depth
+        self.blocks = nn.ModuleList(
+            ConvBlock(cin, cout, stride, pool, norm, bn_scale)
+            for cin, cout in zip(widths[:-1], widths[1:], strict=True)
+        )
+        side = image_size
+        for _ in range(depth):
+            side = (side - 1) // stride + 1  # 3x3 conv, padding 1
+            side = side // 2 if pool else side
+        if side < 1:
+            raise ValueError(f"image_size {image_size} is too small for {depth} blocks")
+        self.feature_dim = channels * side * side
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Map (N, C, H, W) to (N, d), or (G, M, C, H, W) to (G, M, d) (per-episode BN)."""
+        if images.dim() == 4:
+            groups, x = 1, images
+        elif images.dim() == 5:
+            groups, per_group = images.shape[:2]
+            # Example-major order (row m * G + g) makes per-episode BatchNorm a free view.
+            x = images.transpose(0, 1).reshape(groups * per_group, *images.shape[2:])
+        else:
+            raise ValueError(
+                f"expected images of shape (N, C, H, W) or (G, M, C, H, W), got {tuple(images.shape)}"
+            )
+        if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(
+                f"expected images of {self.in_channels} x {self.image_size} x {self.image_size}, "
+                f"got {tuple(x.shape[1:])}"
+            )
+        for block in self.blocks:
+            x = block(x, groups)
+        features = x.flatten(1)
+        if images.dim() == 4:
+            return features
+        return features.view(-1, groups, self.feature_dim).transpose(0, 1)

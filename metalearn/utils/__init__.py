@@ -1,0 +1,1 @@
+"""Small helpers shared by the entry points: loggers, config printing, error reporting."""

@@ -1,0 +1,48 @@
+"""Console output: the composed config as a tree, and one-line errors for users."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from metalearn.errors import MetalearnError
+
+__all__ = ["print_config_tree", "exit_on_user_error"]
+
+T = TypeVar("T")
+
+_ORDER = ("data", "model", "callbacks", "logger", "trainer", "paths", "extras")
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    """Print the resolved config as a rich tree, main groups first."""
+    import rich
+    import rich.syntax
+    import rich.tree
+
+    tree = rich.tree.Tree("CONFIG", guide_style="dim")
+    keys = [k for k in _ORDER if k in cfg] + [k for k in cfg if k not in _ORDER]
+    for key in keys:
+        branch = tree.add(str(key), guide_style="dim")
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        branch.add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+
+
+def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn a :class:`MetalearnError` into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except MetalearnError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper

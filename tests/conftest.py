@@ -1,0 +1,86 @@
+"""Shared fixtures: real-data locations, an isolated wandb, composed Hydra configs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fixtures_omniglot import real_data_dir, shared_cache_dir
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from metalearn.data.omniglot import OmniglotCharacters, load_omniglot
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """wandb offline in a temporary folder; the repository root known to the configs."""
+    wandb_dir = tmp_path_factory.mktemp("wandb")
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(wandb_dir),
+        "WANDB_CACHE_DIR": str(wandb_dir / "cache"),
+        "WANDB_CONFIG_DIR": str(wandb_dir / "config"),
+        "WANDB_SILENT": "true",
+        "METALEARN_ROOT": str(REPO),
+    }
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    yield
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The folder holding the real Omniglot (skips the test when there is none)."""
+    path = real_data_dir()
+    if path is None:
+        pytest.skip("real Omniglot not found (set METALEARN_DATA_DIR or provide ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_cache_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def real_omniglot(data_dir: Path, real_cache_dir: Path) -> OmniglotCharacters:
+    return load_omniglot(data_dir, real_cache_dir, download=False, progress=False)
+
+
+def compose_config(
+    name: str, overrides: list[str], output_dir: Path, data_dir: Path, cache_dir: Path
+) -> DictConfig:
+    """Compose conf/<name>.yaml as the entry point would, with the run folder in output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name=name,
+            overrides=[
+                f"paths.data_dir={data_dir}",
+                f"paths.cache_dir={cache_dir}",
+                f"hydra.run.dir={output_dir}",
+                "extras.print_config=false",
+                *overrides,
+            ],
+            return_hydra_config=True,
+        )
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg.hydra
+    GlobalHydra.instance().clear()
+    return cfg
