@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,18 @@ def _instantiate_all(group: Mapping[str, Any] | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a callbacks / logger group, dropping None."""
     if not group:
         return []
-    objects = (hydra.utils.instantiate(conf) for conf in group.values() if conf and "_target_" in conf)
+    objects = (
+        hydra.utils.instantiate(conf) for conf in group.values() if conf and "_target_" in conf
+    )
     return [obj for obj in objects if obj is not None]
+
+
+def _quiet_known_warnings() -> None:
+    """Silence Lightning warnings that do not apply to metalearn's data pipeline."""
+    # TrainEpisodes shards itself across workers, so its __len__ is exact.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    # Raised inside Lightning on recent torch; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _finish_wandb() -> None:
@@ -80,6 +91,13 @@ def _test_report(
     }
 
 
+def _best_checkpoint(trainer: pl.Trainer) -> str | None:
+    """Path of the best checkpoint by ``val/acc`` (None when none was written)."""
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "best_model_path", "") if callback is not None else ""
+    return path or None
+
+
 def _report(report: Mapping[str, Any], output_file: str) -> None:
     path = write_report(report, output_file)
     print(format_report(report))
@@ -92,6 +110,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns:
         The final metrics (``train/*``, ``val/*`` and, when ``cfg.test``, ``test/*``).
     """
+    _quiet_known_warnings()
     if cfg.get("extras", {}).get("print_config"):
         print_config_tree(cfg)
     if cfg.get("seed") is not None:
@@ -110,8 +129,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         if cfg.get("test", True):
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            report = _test_report(trainer, model, datamodule, best or None)
+            report = _test_report(trainer, model, datamodule, _best_checkpoint(trainer))
             _report(report, cfg.output_file)
             metrics.update({f"test/{k}": float(report[k]) for k in ("accuracy", "ci95")})
     finally:
@@ -125,11 +143,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     Settings (``ways``, ``shots``, ``query_shots``, ``split``, ``disjoint``, ``inner_steps``)
     left ``null`` in the config are taken from the checkpoint.
     """
+    _quiet_known_warnings()
     checkpoint = read_checkpoint(cfg.ckpt_path)
     model = HyperRepresentation(**checkpoint["hyper_parameters"])
     model.load_state_dict(checkpoint["state_dict"])
     if cfg.get("inner_steps") is not None:
-        model.hparams.eval_inner_steps = int(cfg.inner_steps)
+        model.eval_inner_steps = int(cfg.inner_steps)
 
     data_cfg: dict[str, Any] = OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore[assignment]
     trained = checkpoint.get("datamodule_hyper_parameters", {})

@@ -160,15 +160,19 @@ def test_real_omniglot_splits_as_rotated_classes(data_dir, real_cache_dir, split
 
 
 def test_real_omniglot_loaders(data_dir, real_cache_dir):
-    dm = real_module(data_dir, real_cache_dir, ways=20, shots=5, meta_batch=2, val_episodes=5,
-                     eval_meta_batch=2)
+    dm = real_module(
+        data_dir, real_cache_dir, ways=20, shots=5, meta_batch=2, val_episodes=5, eval_meta_batch=2
+    )
     batch = next(iter(dm.train_dataloader()))
     assert batch.support.shape == (2, 100, 1, 28, 28)
     assert batch.query.shape == (2, 300, 1, 28, 28)
     val = list(dm.val_dataloader())
     assert [b.episode_ids.tolist() for b in val] == [[0, 1], [2, 3], [4]]
-    again = list(real_module(data_dir, real_cache_dir, ways=20, shots=5, seed=123,
-                             val_episodes=5, eval_meta_batch=2).val_dataloader())
+    again = list(
+        real_module(
+            data_dir, real_cache_dir, ways=20, shots=5, seed=123, val_episodes=5, eval_meta_batch=2
+        ).val_dataloader()
+    )
     # validation episodes do not depend on the training seed
     assert all(torch.equal(a.query, b.query) for a, b in zip(val, again, strict=True))
     pixels = batch.support.float() / 255

@@ -22,7 +22,6 @@ from fixtures_omniglot import (
     fixture_names,
     make_omniglot_fixture,
     real_data_dir,
-    shared_cache_dir,
 )
 from PIL import Image
 

@@ -87,7 +87,9 @@ def _check_inputs(
             f"got {tuple(support_labels.shape)}"
         )
     if support_labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"support_labels must be integer class indices, got {support_labels.dtype}")
+        raise ValueError(
+            f"support_labels must be integer class indices, got {support_labels.dtype}"
+        )
     if ways < 1:
         raise ValueError(f"ways must be >= 1, got {ways}")
     if steps < 0:
@@ -152,6 +154,8 @@ def fit_linear_heads(
     targets = F.one_hot(support_labels.long(), ways).to(features.dtype)
     weight = features.new_zeros(batch, dim, ways)
     bias = features.new_zeros(batch, ways)
+    lr_w: LearningRate
+    lr_b: LearningRate
     if isinstance(lr, Tensor):
         lr = lr.to(features.dtype)
         lr_w, lr_b = (lr, lr) if lr.dim() == 0 else (lr.view(-1, 1, 1), lr.view(-1, 1))

@@ -113,7 +113,9 @@ class EpisodicDataModule(pl.LightningDataModule):
         num_steps = None if max_steps is None or max_steps < 0 else max(max_steps - start, 0)
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
-        stream = TrainEpisodes(self.samplers["train"], self.meta_batch, start, num_steps, rank, world)
+        stream = TrainEpisodes(
+            self.samplers["train"], self.meta_batch, start, num_steps, rank, world
+        )
         return self._loader(stream)
 
     def val_dataloader(self) -> DataLoader:

@@ -48,7 +48,11 @@ class EpisodeBatch(NamedTuple):
 
 def check_episode_geometry(ways: int, shots: int, query_shots: int) -> None:
     """Raise :class:`ConfigError` for impossible episode sizes (before any data is read)."""
-    for name, value, low in (("ways", ways, 2), ("shots", shots, 1), ("query_shots", query_shots, 1)):
+    for name, value, low in (
+        ("ways", ways, 2),
+        ("shots", shots, 1),
+        ("query_shots", query_shots, 1),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"data.{name} must be an integer >= {low}, got {value!r}")
 

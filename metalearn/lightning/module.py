@@ -37,7 +37,9 @@ class InverseTimeDecay:
 
 
 def _plain(config: Any) -> Any:
-    return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    return (
+        OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    )
 
 
 def mean_ci95(values: Tensor) -> tuple[float, float]:
@@ -123,6 +125,10 @@ class HyperRepresentation(pl.LightningModule):
                 f"model.batch_stats must be one of episode, split, meta_batch, got {batch_stats!r}"
             )
         self.backbone: nn.Module = hydra.utils.instantiate(backbone)
+        self.inner_steps, self.eval_inner_steps = inner_steps, eval_inner_steps
+        self.inner_lr_param, self.l2, self.truncate = inner_lr_param, l2, truncate
+        self.first_order, self.batch_stats = first_order, batch_stats
+        self.optimizer_config, self.lr_decay = optimizer, lr_decay
         raw = math.log(inner_lr) if inner_lr_param == "exp" else math.log(math.expm1(inner_lr))
         self.inner_lr_raw = nn.Parameter(torch.tensor(raw), requires_grad=learn_inner_lr)
         self.val_acc_best = 0.0
@@ -134,7 +140,7 @@ class HyperRepresentation(pl.LightningModule):
     @property
     def inner_lr(self) -> Tensor:
         """The inner learning rate η as a positive 0-d tensor (differentiable)."""
-        if self.hparams.inner_lr_param == "exp":
+        if self.inner_lr_param == "exp":
             return self.inner_lr_raw.exp()
         return F.softplus(self.inner_lr_raw)
 
@@ -145,7 +151,7 @@ class HyperRepresentation(pl.LightningModule):
         time. Returns (B, NK, d) and (B, NQ, d).
         """
         support, query = self._to_float(support), self._to_float(query)
-        stats = self.hparams.batch_stats
+        stats = self.batch_stats
         if stats == "split":
             return self.backbone(support), self.backbone(query)
         images = torch.cat([support, query], dim=1)
@@ -159,9 +165,7 @@ class HyperRepresentation(pl.LightningModule):
     def _to_float(images: Tensor) -> Tensor:
         return images.float().div_(255) if images.dtype == torch.uint8 else images
 
-    def episode_forward(
-        self, batch: EpisodeBatch, steps: int
-    ) -> tuple[Tensor, Tensor]:
+    def episode_forward(self, batch: EpisodeBatch, steps: int) -> tuple[Tensor, Tensor]:
         """Query loss and accuracy of every episode of the meta-batch, each of shape (B,)."""
         support_features, query_features = self.embed(batch.support, batch.query)
         weight, bias = fit_linear_heads(
@@ -170,9 +174,9 @@ class HyperRepresentation(pl.LightningModule):
             batch.ways,
             steps,
             self.inner_lr,
-            l2=self.hparams.l2,
-            truncate=self.hparams.truncate,
-            first_order=self.hparams.first_order,
+            l2=self.l2,
+            truncate=self.truncate,
+            first_order=self.first_order,
         )
         logits = head_logits(query_features, weight, bias)
         loss = F.cross_entropy(logits.transpose(1, 2), batch.query_labels, reduction="none")
@@ -181,7 +185,7 @@ class HyperRepresentation(pl.LightningModule):
 
     # -- training -----------------------------------------------------------------------
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
-        loss, accuracy = self.episode_forward(batch, self.hparams.inner_steps)
+        loss, accuracy = self.episode_forward(batch, self.inner_steps)
         loss = loss.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -196,19 +200,19 @@ class HyperRepresentation(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = hydra.utils.instantiate(self.hparams.optimizer)(params=params)
-        if not self.hparams.lr_decay:
+        optimizer = hydra.utils.instantiate(self.optimizer_config)(params=params)
+        if not self.lr_decay:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, InverseTimeDecay(self.hparams.lr_decay)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, InverseTimeDecay(self.lr_decay))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # -- evaluation: the inner solve needs no outer graph --------------------------------
     @property
     def eval_steps(self) -> int:
-        steps = self.hparams.eval_inner_steps
-        return self.hparams.inner_steps if steps is None else steps
+        return self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
 
     def _eval_step(self, batch: EpisodeBatch) -> None:
         with torch.no_grad():
@@ -216,9 +220,15 @@ class HyperRepresentation(pl.LightningModule):
         self._episode_loss.append(loss)
         self._episode_acc.append(accuracy)
 
+    def _gather(self, values: list[Tensor]) -> Tensor:
+        """Per-episode values of all ranks, as one flat tensor."""
+        gathered = self.all_gather(torch.cat(values))
+        assert isinstance(gathered, Tensor)
+        return gathered.flatten()
+
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
-        accuracy = self.all_gather(torch.cat(self._episode_acc)).flatten()
-        loss = self.all_gather(torch.cat(self._episode_loss)).flatten()
+        accuracy = self._gather(self._episode_acc)
+        loss = self._gather(self._episode_loss)
         self._episode_acc.clear()
         self._episode_loss.clear()
         mean, ci95 = mean_ci95(accuracy)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalearn.errors import MetalearnError
 
-__all__ = ["print_config_tree", "exit_on_user_error"]
+__all__ = ["print_config_tree", "exit_on_user_error", "user_error"]
 
 T = TypeVar("T")
 
@@ -29,9 +29,21 @@ def print_config_tree(cfg: DictConfig) -> None:
     for key in keys:
         branch = tree.add(str(key), guide_style="dim")
         value = cfg[key]
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        text = (
+            OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        )
         branch.add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
+
+
+def user_error(err: BaseException) -> MetalearnError | None:
+    """The :class:`MetalearnError` behind ``err`` (Hydra's instantiate wraps exceptions)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, MetalearnError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
@@ -41,8 +53,11 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
-        except MetalearnError as err:
-            print(f"error: {err}", file=sys.stderr)
+        except Exception as err:
+            cause = user_error(err)
+            if cause is None:
+                raise
+            print(f"error: {cause}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper

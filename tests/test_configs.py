@@ -1,0 +1,43 @@
+"""Every config composes, and every experiment runs one fast_dev_run step on real Omniglot."""
+
+from __future__ import annotations
+
+import hydra.utils
+import pytest
+from conftest import EXPERIMENTS, compose_config
+from omegaconf import OmegaConf
+
+from metalearn.pipeline import train
+
+
+@pytest.mark.parametrize("name", ["train", "eval"])
+def test_entry_configs_compose(name, tmp_path, data_dir, real_cache_dir):
+    overrides = ["ckpt_path=x.ckpt"] if name == "eval" else []
+    cfg = compose_config(name, overrides, tmp_path, data_dir, real_cache_dir)
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg.data._target_ == "metalearn.data.OmniglotDataModule"
+    assert cfg.trainer.inference_mode is False
+    assert cfg.paths.data_dir == str(data_dir)
+
+
+def test_default_model_is_the_paper_setting(tmp_path, data_dir, real_cache_dir):
+    cfg = compose_config("train", [], tmp_path, data_dir, real_cache_dir)
+    assert (cfg.model.inner_steps, cfg.data.meta_batch, cfg.data.query_shots) == (5, 4, 15)
+    assert (cfg.model.optimizer.lr, cfg.model.lr_decay) == (1e-3, 1e-5)
+    net = hydra.utils.instantiate(cfg.model.backbone)
+    assert net.feature_dim == 256
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_fast_dev_run(experiment, tmp_path, data_dir, real_cache_dir):
+    cfg = compose_config(
+        "train",
+        [f"experiment={experiment}", "debug=fast_dev_run"],
+        tmp_path,
+        data_dir,
+        real_cache_dir,
+    )
+    metrics = train(cfg)
+    assert 0.0 <= metrics["train/acc"] <= 1.0
+    assert 0.0 <= metrics["test/accuracy"] <= 1.0
+    assert (tmp_path / "eval.json").is_file()

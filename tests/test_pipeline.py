@@ -1,0 +1,160 @@
+"""End to end on real Omniglot: train.py learns, evaluate.py reports, errors are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, compose_config
+
+import metalearn
+from metalearn.data import load_omniglot_image
+from metalearn.lightning import HyperRepresentation
+from metalearn.pipeline import train
+
+REPORT_KEYS = {
+    "accuracy",
+    "ci95",
+    "episodes",
+    "ways",
+    "shots",
+    "query_shots",
+    "inner_steps",
+    "split",
+    "checkpoint",
+}
+
+
+def run_cli(script: str, args: list[str], data_dir: Path, cache_dir: Path, log_dir: Path):
+    env = dict(os.environ, METALEARN_DATA_DIR=str(data_dir), METALEARN_CACHE_DIR=str(cache_dir))
+    return subprocess.run(
+        [sys.executable, str(REPO / script), f"paths.log_dir={log_dir}", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data_dir, real_cache_dir):
+    """A 5-way 1-shot run on real Omniglot within a 3-minute budget (about 1 minute here)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=omniglot_5w1s",
+            "trainer.max_steps=300",
+            "trainer.val_check_interval=150",
+            "data.val_episodes=100",
+            "data.test_episodes=200",
+        ],
+        out,
+        data_dir,
+        real_cache_dir,
+    )
+    start = time.perf_counter()
+    metrics = train(cfg)
+    seconds = time.perf_counter() - start
+    return out, metrics, seconds
+
+
+def test_training_learns_on_held_out_characters(trained_run):
+    out, metrics, seconds = trained_run
+    assert seconds < 180, f"the end-to-end budget is 3 minutes, training took {seconds:.0f} s"
+    # Chance is 20%; the paper split's test characters are never seen in training.
+    assert metrics["val/acc_best"] >= 0.7, metrics
+    assert metrics["test/accuracy"] >= 0.7, metrics
+    report = json.loads((out / "eval.json").read_text())
+    assert report.keys() >= REPORT_KEYS
+    assert report["episodes"] == 200 and report["split"] == "paper"
+    assert Path(report["checkpoint"]).name.startswith("best-")
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "csv" / "metrics.csv").read_text().count("train/inner_lr") == 1
+
+
+def test_evaluate_cli_on_checkpoint(trained_run, data_dir, real_cache_dir, tmp_path):
+    out, metrics, _ = trained_run
+    ckpt = next((out / "checkpoints").glob("best-*.ckpt"))
+    result = run_cli(
+        "evaluate.py",
+        [f"ckpt_path={ckpt}", "episodes=200", f"output_file={tmp_path / 'eval.json'}"],
+        data_dir,
+        real_cache_dir,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report.keys() >= REPORT_KEYS
+    assert (report["ways"], report["shots"], report["query_shots"]) == (5, 1, 15)
+    assert (report["episodes"], report["inner_steps"], report["split"]) == (200, 5, "paper")
+    assert report["checkpoint"] == str(ckpt.resolve())
+    # Same checkpoint, same fixed test episodes: the number train.py reported.
+    assert report["accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1e-6)
+    assert report["accuracy"] - report["ci95"] > 0.65
+    assert "test accuracy" in result.stdout and "±" in result.stdout
+
+    # Other settings from the same checkpoint: 20-way 5-shot, 10 inner steps at test time.
+    result = run_cli(
+        "evaluate.py",
+        [
+            f"ckpt_path={ckpt}",
+            "ways=20",
+            "shots=5",
+            "query_shots=5",
+            "inner_steps=10",
+            "episodes=20",
+            f"output_file={tmp_path / 'eval20.json'}",
+        ],
+        data_dir,
+        real_cache_dir,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval20.json").read_text())
+    assert (report["ways"], report["shots"], report["query_shots"]) == (20, 5, 5)
+    assert (report["inner_steps"], report["episodes"]) == (10, 20)
+    assert report["accuracy"] > 0.3  # chance is 5%
+
+
+def test_load_representation(trained_run, data_dir, tmp_path):
+    import zipfile
+
+    out, _, _ = trained_run
+    ckpt = out / "checkpoints" / "last.ckpt"
+    net = metalearn.load_representation(ckpt)
+    assert isinstance(net, torch.nn.Module) and not net.training
+    with zipfile.ZipFile(data_dir / "omniglot/omniglot-py/images_evaluation.zip") as archive:
+        names = [n for n in archive.namelist() if n.endswith(".png")][:8]
+        archive.extractall(tmp_path, members=names)
+    images = torch.stack([load_omniglot_image(tmp_path / name) for name in names])
+    features = net(images)
+    assert features.shape == (8, 256)
+    module = HyperRepresentation.load_from_checkpoint(ckpt, map_location="cpu")
+    torch.testing.assert_close(features, module.backbone(images))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["paths.data_dir=/nonexistent", "data.download=false"], "/nonexistent"),
+        (["data.ways=1"], "data.ways must be an integer >= 2"),
+        (["data.split=foo"], "unknown Omniglot split 'foo'"),
+        (["data.ways=500"], "more than the 400 classes of the 'val' split"),
+        (["data.shots=10"], "more than the 20 images per class"),
+        (["model.inner_steps=0"], "inner_steps"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, data_dir, real_cache_dir, tmp_path):
+    result = run_cli("train.py", ["logger=none", *args], data_dir, real_cache_dir, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing was trained
