@@ -9,7 +9,15 @@ from torch.autograd.functional import jacobian
 
 from metalearn.bilevel import fit_linear_heads, head_gradient, head_logits
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every tensor of these tests is float64 (restored afterwards for the other tests)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def make_problem(batch=3, ways=3, shots=2, queries=2, dim=4, seed=0):

@@ -41,3 +41,24 @@ def test_experiment_fast_dev_run(experiment, tmp_path, data_dir, real_cache_dir)
     assert 0.0 <= metrics["train/acc"] <= 1.0
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
     assert (tmp_path / "eval.json").is_file()
+
+
+def test_wandb_logger_runs_offline_without_credentials(tmp_path, data_dir, real_cache_dir):
+    cfg = compose_config(
+        "train",
+        [
+            "logger=wandb",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "data.val_episodes=4",
+            "data.test_episodes=4",
+            "test=false",
+        ],
+        tmp_path,
+        data_dir,
+        real_cache_dir,
+    )
+    train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list(tmp_path.rglob("*"))[:20]
+    assert list(runs[0].glob("run-*.wandb"))
