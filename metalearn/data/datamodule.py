@@ -49,6 +49,9 @@ class EpisodicDataModule(pl.LightningDataModule):
         disjoint: support and query images distinct (``False``: the paper's public
             sampler, in which a query image may repeat a support image).
         num_workers: data-loader worker processes (sampling is cheap; 0 is usually best).
+        train_ways: classes per training episode when not ``ways`` (``None``: ``ways``);
+            training with more ways than testing is a common way to get harder episodes.
+        train_shots: support images per class in training (``None``: ``shots``).
     """
 
     def __init__(
@@ -64,9 +67,12 @@ class EpisodicDataModule(pl.LightningDataModule):
         eval_seed: int = 0,
         disjoint: bool = True,
         num_workers: int = 0,
+        train_ways: int | None = None,
+        train_shots: int | None = None,
     ) -> None:
         super().__init__()
         check_episode_geometry(ways, shots, query_shots)
+        check_episode_geometry(train_ways or ways, train_shots or shots, query_shots)
         for name, value in (
             ("meta_batch", meta_batch),
             ("val_episodes", val_episodes),
@@ -80,6 +86,7 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.val_episodes, self.test_episodes = val_episodes, test_episodes
         self.seed, self.eval_seed, self.disjoint = seed, eval_seed, disjoint
         self.num_workers = num_workers
+        self.train_ways, self.train_shots = train_ways or ways, train_shots or shots
         self.samplers: dict[str, EpisodeSampler] = {}
 
     # -- to implement -------------------------------------------------------------------
@@ -92,9 +99,15 @@ class EpisodicDataModule(pl.LightningDataModule):
         if self.samplers:
             return
         for split, images in self.load_splits().items():
-            seed = self.seed if split == "train" else self.eval_seed
+            training = split == "train"
             self.samplers[split] = EpisodeSampler(
-                images, self.ways, self.shots, self.query_shots, seed, split, self.disjoint
+                images,
+                self.train_ways if training else self.ways,
+                self.train_shots if training else self.shots,
+                self.query_shots,
+                self.seed if training else self.eval_seed,
+                split,
+                self.disjoint,
             )
 
     def _loader(self, dataset: torch.utils.data.Dataset) -> DataLoader:

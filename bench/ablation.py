@@ -1,0 +1,144 @@
+"""Controlled short training runs, one change at a time; one JSON line per run.
+
+Each variant is `train.py` with the shared base overrides plus its own, the same seed and
+step budget, tested on the same fixed test episodes. Results are appended to
+``--out`` (JSON lines: name, overrides, test accuracy ± CI, best val accuracy, final train
+accuracy, inner lr, steps, wall seconds) and printed as a markdown table at the end.
+
+    python bench/ablation.py --suite omniglot_5w1s --steps 2000
+    python bench/ablation.py --suite omniglot_5w1s --only base inner_lr_1 --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SUITES: dict[str, dict[str, list[str]]] = {
+    "omniglot_5w1s": {
+        "base": [],
+        "inner_lr_0.5": ["model.inner_lr=0.5"],
+        "inner_lr_1": ["model.inner_lr=1.0"],
+        "inner_lr_fixed": ["model.learn_inner_lr=false"],
+        "softplus_lr_1": ["model.inner_lr=1.0", "model.inner_lr_param=softplus"],
+        "bn_split": ["model.batch_stats=split"],
+        "bn_meta_batch": ["model.batch_stats=meta_batch"],
+        "bn_scale": ["model.backbone.bn_scale=true"],
+        "T10": ["model.inner_steps=10"],
+        "T1": ["model.inner_steps=1"],
+        "outer_lr_3e-3": ["model.optimizer.lr=3e-3"],
+        "meta_batch_16": ["data.meta_batch=16"],
+        "train_20way": ["data.train_ways=20"],
+        "l2_1e-3": ["model.l2=1e-3"],
+        "paper_sampler": ["data.disjoint=false"],
+    },
+}
+
+
+def last_value(rows: list[dict[str, str]], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+    return values[-1] if values else None
+
+
+def run(name: str, overrides: list[str], args: argparse.Namespace, out_root: Path) -> dict:
+    run_dir = out_root / name
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"experiment={args.experiment}",
+        f"trainer.max_steps={args.steps}",
+        f"trainer.val_check_interval={args.val_every}",
+        f"data.val_episodes={args.val_episodes}",
+        f"data.test_episodes={args.test_episodes}",
+        f"seed={args.seed}",
+        "extras.print_config=false",
+        f"hydra.run.dir={run_dir}",
+        *args.base,
+        *overrides,
+    ]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    seconds = time.perf_counter() - start
+    record: dict = {"name": name, "overrides": overrides, "base": args.base, "steps": args.steps}
+    record["seconds"] = round(seconds, 1)
+    if result.returncode != 0:
+        record["error"] = result.stderr[-2000:]
+        return record
+    report = json.loads((run_dir / "eval.json").read_text())
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    record.update(
+        test_acc=report["accuracy"],
+        test_ci95=report["ci95"],
+        episodes=report["episodes"],
+        val_acc_best=last_value(rows, "val/acc_best"),
+        train_acc_last=last_value(rows, "train/acc"),
+        inner_lr_last=last_value(rows, "train/inner_lr"),
+        run_dir=str(run_dir),
+    )
+    return record
+
+
+def table(records: list[dict]) -> str:
+    lines = [
+        "| variant | overrides | test acc (600 ep.) | best val acc | train acc (last) | inner lr | time |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {' '.join(r['overrides'])} | failed | | | | |")
+            continue
+        lines.append(
+            f"| {r['name']} | {' '.join(r['overrides']) or '(base)'} | "
+            f"{100 * r['test_acc']:.2f} ± {100 * r['test_ci95']:.2f} | "
+            f"{100 * (r['val_acc_best'] or 0):.2f} | {100 * (r['train_acc_last'] or 0):.1f} | "
+            f"{r['inner_lr_last'] or 0:.3g} | {r['seconds'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--suite", default="omniglot_5w1s", choices=sorted(SUITES))
+    parser.add_argument("--experiment", default="omniglot_5w1s")
+    parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--base", nargs="*", default=[], help="overrides shared by all variants")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--val-every", type=int, default=500)
+    parser.add_argument("--val-episodes", type=int, default=300)
+    parser.add_argument("--test-episodes", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "ablation.jsonl"))
+    parser.add_argument("--runs-dir", default=str(REPO / "logs" / "ablation"))
+    args = parser.parse_args()
+
+    variants = SUITES[args.suite]
+    names = args.only or list(variants)
+    unknown = sorted(set(names) - set(variants))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {sorted(variants)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    records = []
+    for name in names:
+        record = run(name, variants[name], args, Path(args.runs_dir) / stamp)
+        records.append(record)
+        with out.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()
