@@ -18,6 +18,7 @@ from metalearn.data.omniglot import OmniglotCharacters, load_omniglot
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+OMNIGLOT_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("omniglot")]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hydra.utils
 import pytest
-from conftest import EXPERIMENTS, compose_config
+from conftest import EXPERIMENTS, OMNIGLOT_EXPERIMENTS, compose_config
 from omegaconf import OmegaConf
 
 from metalearn.pipeline import train
@@ -28,7 +28,7 @@ def test_default_model_is_the_paper_setting(tmp_path, data_dir, real_cache_dir):
     assert net.feature_dim == 256
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", OMNIGLOT_EXPERIMENTS)
 def test_experiment_fast_dev_run(experiment, tmp_path, data_dir, real_cache_dir):
     cfg = compose_config(
         "train",
@@ -62,3 +62,11 @@ def test_wandb_logger_runs_offline_without_credentials(tmp_path, data_dir, real_
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list(tmp_path.rglob("*"))[:20]
     assert list(runs[0].glob("run-*.wandb"))
+
+
+def test_every_experiment_has_a_fast_dev_run_test():
+    # miniImageNet experiments run on a generated fixture in tests/test_miniimagenet.py
+    assert set(EXPERIMENTS) == set(OMNIGLOT_EXPERIMENTS) | {
+        "miniimagenet_5w1s",
+        "miniimagenet_5w5s",
+    }

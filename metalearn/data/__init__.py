@@ -1,7 +1,16 @@
 """Data sets, splits, episode sampling and DataModules."""
 
 from metalearn.data.datamodule import EpisodicDataModule, OmniglotDataModule
+from metalearn.data.download import download_file
 from metalearn.data.episodes import EpisodeBatch, EpisodeSampler, FixedEpisodes, TrainEpisodes
+from metalearn.data.miniimagenet import (
+    MiniImageNetDataModule,
+    MiniImageNetSplit,
+    augment_episodes,
+    load_miniimagenet,
+    load_miniimagenet_image,
+    prepare_miniimagenet,
+)
 from metalearn.data.omniglot import (
     OmniglotCharacters,
     load_omniglot,
@@ -15,11 +24,18 @@ __all__ = [
     "EpisodeSampler",
     "EpisodicDataModule",
     "FixedEpisodes",
+    "MiniImageNetDataModule",
+    "MiniImageNetSplit",
     "OmniglotCharacters",
     "OmniglotDataModule",
     "TrainEpisodes",
+    "augment_episodes",
+    "download_file",
+    "load_miniimagenet",
+    "load_miniimagenet_image",
     "load_omniglot",
     "load_omniglot_image",
+    "prepare_miniimagenet",
     "prepare_omniglot",
     "split_characters",
 ]

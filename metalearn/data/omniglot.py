@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import io
 import json
 import logging
 import math
 import os
-import secrets
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +26,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from metalearn.data.download import create_temp as _create_temp
+from metalearn.data.download import download_file
+from metalearn.data.download import one_line as _one_line
+from metalearn.data.download import progress_bar as _progress_bar
 from metalearn.errors import ConfigError, DataError
 
 __all__ = [
@@ -89,7 +89,6 @@ PREPROCESS_VERSION = 1
 
 _PAPER_SIZES = (1200, 100, 323)
 _VINYALS_COLLECTIONS = {"background": "images_background", "evaluation": "images_evaluation"}
-_CHUNK = 1 << 20
 _CACHE_FORMAT = "metalearn-omniglot"
 _HOW_TO_POINT = (
     "set paths.data_dir / METALEARN_DATA_DIR to a folder holding omniglot/omniglot-py/, "
@@ -98,26 +97,6 @@ _HOW_TO_POINT = (
 
 # (alphabet, character) -> sorted list of image members (zip member names or file paths)
 _Listing = dict[tuple[str, str], list[str]]
-
-
-def _create_temp(folder: Path, final_name: str) -> tuple[int, Path]:
-    """Create a fresh hidden temporary file next to ``folder / final_name``.
-
-    Unlike ``tempfile.mkstemp`` (always mode 0600), the file gets the user's umask like any
-    other new file, so a shared cache or data folder stays readable by its group.
-    """
-    for _ in range(100):
-        path = folder / f".{final_name}.{secrets.token_hex(6)}.part"
-        try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"cannot create a temporary file in {folder}")
-
-
-def _one_line(text: object) -> str:
-    """Collapse a message (or an exception's text) onto one line."""
-    return " ".join(str(text).split())
 
 
 def omniglot_root(data_dir: str | Path) -> Path:
@@ -262,36 +241,6 @@ def _expected_count(collection: str, expected_characters: Mapping[str, int] | No
 # --------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _progress_bar(
-    enabled: bool, label: str, total: int | None, in_bytes: bool
-) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``: steps a rich progress bar when enabled, else does nothing."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    counter: tuple[ProgressColumn, ...] = (
-        (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-        if in_bytes
-        else (MofNCompleteColumn(), TimeElapsedColumn())
-    )
-    with Progress(TextColumn("{task.description}"), BarColumn(), *counter) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
 def _download_zip(
     url: str,
     target: Path,
@@ -302,61 +251,21 @@ def _download_zip(
 ) -> None:
     """Download ``url`` to ``target`` atomically, checking its md5 and its content.
 
-    The bytes go to a temporary file in ``target``'s folder, which replaces ``target`` only
-    once the whole file is there, its md5 matches (when given) and it is a complete
-    collection zip; on any failure the temporary file is removed.
+    See :func:`metalearn.data.download.download_file`: ``target`` appears only once the
+    whole file is there, its md5 matches (when given) and it is a complete collection zip.
     """
-    manual = (
-        f"download {url} by hand and save it as {target}, or "
-        f"set paths.data_dir / METALEARN_DATA_DIR to a folder holding omniglot/omniglot-py/"
+    download_file(
+        url,
+        target,
+        what=f"Omniglot {collection}.zip",
+        manual=(
+            f"download {url} by hand and save it as {target}, or "
+            f"set paths.data_dir / METALEARN_DATA_DIR to a folder holding omniglot/omniglot-py/"
+        ),
+        md5=md5,
+        validate=lambda path: _scan_zip(path, collection, expected),
+        progress=progress,
     )
-    try:
-        fd, tmp = _create_temp(target.parent, target.name)
-    except OSError as err:
-        raise DataError(
-            f"cannot write into {target.parent} to download Omniglot ({_one_line(err)}); "
-            f"set paths.data_dir / METALEARN_DATA_DIR to a writable folder"
-        ) from err
-    try:
-        digest = hashlib.md5(usedforsecurity=False)
-        received = 0
-        length: int | None = None
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-                header = response.headers.get("Content-Length")
-                length = int(header) if header and header.isdigit() else None
-                with _progress_bar(progress, f"Omniglot {target.name}", length, True) as advance:
-                    while chunk := response.read(_CHUNK):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        advance(len(chunk))
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
-            raise DataError(
-                f"could not download Omniglot {collection} from {url} ({_one_line(err)}); {manual}"
-            ) from err
-        if length is not None and received != length:
-            raise DataError(
-                f"the download of {url} was interrupted after {received} of {length} bytes; "
-                f"nothing was saved to {target}; retry, or {manual}"
-            )
-        actual = digest.hexdigest()
-        if md5 is not None and actual != md5.lower():
-            raise DataError(
-                f"checksum mismatch for {url}: expected md5 {md5}, got {actual}; the file was "
-                f"discarded (nothing saved to {target}); retry, or {manual}"
-            )
-        try:
-            _scan_zip(tmp, collection, expected)
-        except DataError as err:
-            raise DataError(
-                f"the file downloaded from {url} is not a complete Omniglot zip and was "
-                f"discarded ({err}); {manual}"
-            ) from err
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 # --------------------------------------------------------------------------------------

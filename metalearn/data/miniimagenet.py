@@ -1,0 +1,895 @@
+"""miniImageNet on disk (pickles, or Ravi & Larochelle CSVs + images), its uint8 cache, DataModule.
+
+Layout under ``<data_dir>/miniimagenet/``, one of, per split (train / val / test):
+
+1. ``mini-imagenet-cache-<split>.pkl`` (``-validation.pkl`` is accepted for val): a pickled
+   dict with ``image_data``, a uint8 array (N, 84, 84, 3), and ``class_dict``, class id ->
+   list of row indices, as distributed with several meta-learning libraries;
+2. ``<split>.csv`` (Ravi & Larochelle 2017; header ``filename,label``) with the images
+   under ``images/``, resized to 84x84 (PIL, Lanczos: antialiased) when decoded.
+
+Either is decoded once into a uint8 cache file per split, (classes, images per class, 3, H,
+W), classes sorted by id, images in listed order. Pixels stay uint8 until a meta-batch
+reaches the model, which scales it to [0, 1]; no float copy of a split is ever made.
+
+There is no official host for miniImageNet. With ``download=True`` the pickles are fetched
+from a public mirror (:data:`MINIIMAGENET_URLS`) and checked before they are kept.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import csv
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from metalearn.data.datamodule import EpisodicDataModule
+from metalearn.data.download import create_temp, download_file, one_line, progress_bar
+from metalearn.data.episodes import EpisodeBatch
+from metalearn.errors import ConfigError, DataError
+
+__all__ = [
+    "IMAGES_PER_CLASS",
+    "IMAGE_SIZE",
+    "MINIIMAGENET_CLASSES",
+    "MINIIMAGENET_MIRROR",
+    "MINIIMAGENET_SHA256",
+    "MINIIMAGENET_SPLITS",
+    "MINIIMAGENET_URLS",
+    "PREPROCESS_VERSION",
+    "MiniImageNetDataModule",
+    "MiniImageNetSplit",
+    "augment_episodes",
+    "load_miniimagenet",
+    "load_miniimagenet_image",
+    "miniimagenet_root",
+    "prepare_miniimagenet",
+    "preprocess_miniimagenet",
+]
+
+log = logging.getLogger(__name__)
+
+MINIIMAGENET_SPLITS: tuple[str, str, str] = ("train", "val", "test")
+"""The Ravi & Larochelle splits, in the order of :class:`MiniImageNetDataModule`."""
+
+MINIIMAGENET_CLASSES: dict[str, int] = {"train": 64, "val": 16, "test": 20}
+"""Classes per split (Ravi & Larochelle 2017)."""
+
+IMAGES_PER_CLASS = 600
+IMAGE_SIZE = 84
+
+MINIIMAGENET_MIRROR = "https://zenodo.org/record/7978538/files"
+"""A public mirror of the pickles (the copy learn2learn downloads); not an official host."""
+
+MINIIMAGENET_URLS: dict[str, str] = {
+    "train": f"{MINIIMAGENET_MIRROR}/mini-imagenet-cache-train.pkl",
+    "val": f"{MINIIMAGENET_MIRROR}/mini-imagenet-cache-validation.pkl",
+    "test": f"{MINIIMAGENET_MIRROR}/mini-imagenet-cache-test.pkl",
+}
+"""Download location of each split's pickle (``data.urls`` overrides it)."""
+
+MINIIMAGENET_SHA256: dict[str, str | None] = {"train": None, "val": None, "test": None}
+"""SHA-256 of each split's pickle, checked on download when not None (``data.sha256``).
+
+Not pinned: there is no official copy to take them from. A download is always checked for
+content (a loadable pickle of the expected classes, images per class and 84x84x3 size).
+"""
+
+PREPROCESS_VERSION = 1
+"""Bump whenever the decoding changes, so that stale caches are not reused."""
+
+_CACHE_FORMAT = "metalearn-miniimagenet"
+_IMAGES = "images"
+_PICKLE_NAMES: dict[str, tuple[str, ...]] = {
+    "train": ("mini-imagenet-cache-train.pkl",),
+    "val": ("mini-imagenet-cache-val.pkl", "mini-imagenet-cache-validation.pkl"),
+    "test": ("mini-imagenet-cache-test.pkl",),
+}
+_HOW_TO_GET = (
+    "there is no official host: place the files there by hand (pickles "
+    "mini-imagenet-cache-{train,val,test}.pkl, or images/ with the Ravi & Larochelle "
+    "train.csv, val.csv, test.csv), set paths.data_dir / METALEARN_DATA_DIR to a folder "
+    "holding miniimagenet/, or enable data.download=true to fetch the pickles from a public "
+    "mirror"
+)
+
+
+def miniimagenet_root(data_dir: str | Path) -> Path:
+    """Return the miniImageNet root inside ``data_dir``: ``<data_dir>/miniimagenet``."""
+    return Path(data_dir).expanduser() / "miniimagenet"
+
+
+def _expected_classes(split: str, expected: Mapping[str, int] | None) -> int:
+    if expected is not None and split in expected:
+        return int(expected[split])
+    return MINIIMAGENET_CLASSES[split]
+
+
+# --------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------
+
+
+def preprocess_miniimagenet(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """One image as training sees it: RGB, resized to ``size x size`` (aspect not kept).
+
+    The resize uses PIL's Lanczos filter, antialiased when shrinking (the usual way the
+    84x84 miniImageNet images were made from ImageNet); an image of the right size is
+    left untouched.
+
+    Returns:
+        uint8 array of shape (size, size, 3).
+    """
+    rgb = image.convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.LANCZOS)
+    return np.array(rgb, dtype=np.uint8)  # a writable copy
+
+
+def load_miniimagenet_image(path: str | Path, image_size: int = IMAGE_SIZE) -> Tensor:
+    """Load one image exactly as training sees it.
+
+    Returns:
+        float32 tensor of shape (3, image_size, image_size) in [0, 1].
+
+    Raises:
+        DataError: The file cannot be read or decoded.
+    """
+    try:
+        with Image.open(path) as image:
+            array = preprocess_miniimagenet(image, image_size)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"cannot decode the image {path}: {one_line(err)}") from err
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+
+# --------------------------------------------------------------------------------------
+# Locating and checking a copy
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One split as found on disk."""
+
+    split: str
+    kind: Literal["pickle", "folder"]
+    path: Path  # the pickle, or the CSV file
+    fingerprint: tuple[Any, ...]
+    classes: tuple[str, ...] = ()  # folder: sorted class ids
+    files: tuple[tuple[Path, ...], ...] = ()  # folder: image paths per class, listed order
+
+
+def _find_pickle(root: Path, split: str) -> Path | None:
+    for name in _PICKLE_NAMES[split]:
+        if (root / name).exists():
+            return root / name
+    return None
+
+
+def _pickle_source(path: Path, split: str) -> _Source:
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise DataError(f"cannot read the miniImageNet pickle {path}: {one_line(err)}") from err
+    fingerprint = ("pickle", split, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return _Source(split, "pickle", path, fingerprint)
+
+
+def _read_csv(path: Path) -> list[tuple[str, str]]:
+    """``(filename, label)`` rows of a Ravi & Larochelle CSV file."""
+    replace = f"replace it with the Ravi & Larochelle {path.name} (header filename,label)"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read {path} ({one_line(err)}); {replace}") from err
+    rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
+    if not rows or [cell.strip().lower() for cell in rows[0]] != ["filename", "label"]:
+        raise DataError(f"{path} does not start with the header filename,label; {replace}")
+    out = []
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise DataError(f"{path} line {number} is not 'filename,label'; {replace}")
+        out.append((row[0].strip(), row[1].strip()))
+    return out
+
+
+def _folder_source(
+    root: Path, split: str, csv_path: Path, expected_classes: int, per_class: int
+) -> _Source:
+    """Check a CSV split against ``images/`` (file names, class and image counts)."""
+    images = root / _IMAGES
+    if not images.is_dir():
+        raise DataError(
+            f"{csv_path} is present but the image folder {images} is not: put the miniImageNet "
+            f"images there (file names as in {csv_path.name}), or use the pickles instead"
+        )
+    rows = _read_csv(csv_path)
+    by_class: dict[str, list[str]] = {}
+    for filename, label in rows:
+        by_class.setdefault(label, []).append(filename)
+    replace = f"replace it with the Ravi & Larochelle {csv_path.name}"
+    if len(by_class) != expected_classes:
+        raise DataError(
+            f"{csv_path} lists {len(by_class)} classes, expected {expected_classes} (the "
+            f"{split} split of Ravi & Larochelle): the file is incomplete or not that split; "
+            f"{replace}"
+        )
+    for label, names in by_class.items():
+        if len(names) != per_class:
+            raise DataError(
+                f"{csv_path} lists {len(names)} images of class {label}, expected {per_class}: "
+                f"the file is incomplete or not the Ravi & Larochelle split; {replace}"
+            )
+    classes = tuple(sorted(by_class))
+    files = tuple(tuple(images / name for name in by_class[label]) for label in classes)
+    count = size = newest = 0
+    for group in files:
+        for file in group:
+            try:
+                stat = file.stat()
+            except FileNotFoundError:
+                raise DataError(
+                    f"{file}, listed in {csv_path}, is missing: the image folder is incomplete; "
+                    f"copy the miniImageNet images into {images}"
+                ) from None
+            except OSError as err:
+                raise DataError(f"cannot read {file} ({one_line(err)})") from err
+            count += 1
+            size += stat.st_size
+            newest = max(newest, stat.st_mtime_ns)
+    listing = hashlib.sha256(csv_path.read_bytes()).hexdigest()
+    fingerprint = ("folder", split, str(images.resolve()), listing, count, size, newest)
+    return _Source(split, "folder", csv_path, fingerprint, classes, files)
+
+
+def _locate(
+    root: Path, split: str, expected_classes: Mapping[str, int] | None, per_class: int
+) -> _Source | None:
+    """The present copy of ``split`` (a pickle wins over a CSV), or None when absent."""
+    pickled = _find_pickle(root, split)
+    if pickled is not None:
+        return _pickle_source(pickled, split)
+    csv_path = root / f"{split}.csv"
+    if csv_path.exists():
+        return _folder_source(
+            root, split, csv_path, _expected_classes(split, expected_classes), per_class
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Pickles
+# --------------------------------------------------------------------------------------
+
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, dicts and lists, and refuses anything else.
+
+    A pickle can run arbitrary code when loaded; these files come from mirrors, so only
+    the globals a pickled numpy array needs are allowed.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _NUMPY_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):
+            module = "numpy._core" + module[len("numpy.core") :]  # numpy 2 renamed it
+        return super().find_class(module, name)
+
+
+class _BadPickle(Exception):
+    """What is wrong with a pickle, as the end of a sentence starting with the file's name."""
+
+
+def _read_pickle(
+    path: Path, split: str, expected_classes: int, per_class: int
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Load and check a pickle; raise :class:`_BadPickle` with the reason when unusable."""
+    try:
+        with open(path, "rb") as handle:
+            payload = _ArrayUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as err:
+        raise _BadPickle(f"cannot be read ({one_line(err) or type(err).__name__})") from err
+    except (AttributeError, ImportError, IndexError, KeyError, MemoryError) as err:
+        raise _BadPickle(f"cannot be read ({type(err).__name__}: {one_line(err)})") from err
+    if not isinstance(payload, dict) or not {"image_data", "class_dict"} <= set(payload):
+        raise _BadPickle("cannot be read (no image_data and class_dict)")
+    image_data, class_dict = payload["image_data"], payload["class_dict"]
+    if not isinstance(image_data, np.ndarray) or not isinstance(class_dict, dict):
+        raise _BadPickle("cannot be read (image_data is not an array or class_dict not a dict)")
+    shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
+    if image_data.dtype != np.uint8 or image_data.ndim != 4 or image_data.shape[1:] != shape:
+        raise _BadPickle(
+            f"holds images of {image_data.dtype} {tuple(image_data.shape)}, expected uint8 "
+            f"(N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3): it is not the {IMAGE_SIZE}x{IMAGE_SIZE} RGB "
+            f"miniImageNet"
+        )
+    if len(class_dict) != expected_classes:
+        raise _BadPickle(
+            f"holds {len(class_dict)} classes, expected {expected_classes} (the {split} split "
+            f"of Ravi & Larochelle)"
+        )
+    classes = sorted(str(name) for name in class_dict)
+    by_name = {str(name): rows for name, rows in class_dict.items()}
+    index = np.empty((len(classes), per_class), np.int64)
+    for c, name in enumerate(classes):
+        try:
+            rows = np.asarray(by_name[name], dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise _BadPickle(f"cannot be read (rows of class {name}: {one_line(err)})") from err
+        if rows.size != per_class:
+            raise _BadPickle(f"has {rows.size} images of class {name}, expected {per_class}")
+        if rows.size and (rows.min() < 0 or rows.max() >= len(image_data)):
+            raise _BadPickle(f"cannot be read (class {name} lists rows outside image_data)")
+        index[c] = rows
+    return image_data, classes, index
+
+
+def _load_pickle(
+    path: Path, split: str, expected_classes: int, per_class: int
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Load and check a present pickle.
+
+    Returns:
+        ``image_data`` (N, 84, 84, 3) uint8, the sorted class ids and their row indices
+        (classes, per_class).
+
+    Raises:
+        DataError: naming the file, what is wrong and what to do.
+    """
+    try:
+        return _read_pickle(path, split, expected_classes, per_class)
+    except _BadPickle as err:
+        raise DataError(
+            f"the miniImageNet pickle {path} {err}; it is incomplete, corrupt or not the "
+            f"{split} split: delete it and enable data.download=true, or replace it with "
+            f"mini-imagenet-cache-{split}.pkl"
+        ) from err
+
+
+def _check_download(path: Path, split: str, expected_classes: int, per_class: int) -> None:
+    """``validate`` of a downloaded pickle: DataError with the reason alone."""
+    try:
+        _read_pickle(path, split, expected_classes, per_class)
+    except _BadPickle as err:
+        raise DataError(f"it {err}") from err
+
+
+def _decode_pickle(
+    source: _Source, image_size: int, expected_classes: int, per_class: int
+) -> tuple[np.ndarray, list[str]]:
+    image_data, classes, index = _load_pickle(
+        source.path, source.split, expected_classes, per_class
+    )
+    out = np.empty((len(classes), per_class, 3, image_size, image_size), np.uint8)
+    for c in range(len(classes)):
+        block = image_data[index[c]]  # (per_class, 84, 84, 3)
+        if image_size != IMAGE_SIZE:
+            block = np.stack(
+                [preprocess_miniimagenet(Image.fromarray(im), image_size) for im in block]
+            )
+        out[c] = block.transpose(0, 3, 1, 2)
+    return out, classes
+
+
+# --------------------------------------------------------------------------------------
+# Image folders
+# --------------------------------------------------------------------------------------
+
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+
+
+def _decode_file(path: Path, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return preprocess_miniimagenet(image, size)
+    except _DECODE_ERRORS as err:
+        raise DataError(
+            f"cannot decode the miniImageNet image {path} ({one_line(err)}): the copy is "
+            f"corrupt; replace the file"
+        ) from err
+
+
+def _decode_folder(
+    source: _Source, image_size: int, progress: bool
+) -> tuple[np.ndarray, list[str]]:
+    """Decode every listed image (threads: PIL releases the GIL while decoding)."""
+    per_class = len(source.files[0])
+    out = np.empty((len(source.files), per_class, 3, image_size, image_size), np.uint8)
+    paths = [file for group in source.files for file in group]
+    workers = min(8, os.cpu_count() or 1)
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
+        label = f"Decoding miniImageNet {source.split}"
+        with progress_bar(progress, label, len(paths), False) as step:
+            arrays = pool.map(functools.partial(_decode_file, size=image_size), paths)
+            for i, array in enumerate(arrays):
+                out[divmod(i, per_class)] = array.transpose(2, 0, 1)
+                step(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error: skip the rest
+    return out, list(source.classes)
+
+
+# --------------------------------------------------------------------------------------
+# prepare / load
+# --------------------------------------------------------------------------------------
+
+
+def _prepare(
+    data_dir: str | Path,
+    download: bool,
+    urls: Mapping[str, str] | None,
+    sha256: Mapping[str, str | None] | None,
+    progress: bool,
+    expected_classes: Mapping[str, int] | None,
+    per_class: int,
+) -> dict[str, _Source]:
+    root = miniimagenet_root(data_dir)
+    sources = {
+        split: _locate(root, split, expected_classes, per_class) for split in MINIIMAGENET_SPLITS
+    }
+    absent = [split for split, source in sources.items() if source is None]
+    if absent and not download:
+        if not root.is_dir() or len(absent) == len(MINIIMAGENET_SPLITS):
+            raise DataError(f"miniImageNet not found at {root}; {_HOW_TO_GET}")
+        missing = ", ".join(
+            f"{split} (mini-imagenet-cache-{split}.pkl or {split}.csv)" for split in absent
+        )
+        raise DataError(f"miniImageNet at {root} lacks the split {missing}; {_HOW_TO_GET}")
+    if absent:
+        urls = MINIIMAGENET_URLS if urls is None else urls
+        sha256 = MINIIMAGENET_SHA256 if sha256 is None else sha256
+        for split in absent:
+            if split not in urls:
+                raise ConfigError(f"no download URL given for the miniImageNet {split} split")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(
+                f"cannot create the miniImageNet folder {root} to download into "
+                f"({one_line(err)}); set paths.data_dir / METALEARN_DATA_DIR to a writable folder"
+            ) from err
+        for split in absent:
+            url, target = urls[split], root / _PICKLE_NAMES[split][0]
+            expected = _expected_classes(split, expected_classes)
+            log.warning(
+                "Downloading miniImageNet %s from %s (a mirror, not an official host)", split, url
+            )
+            download_file(
+                url,
+                target,
+                what=f"miniImageNet {split} pickle",
+                manual=(
+                    f"download {url} by hand and save it as {target}, or place the images "
+                    f"and the Ravi & Larochelle CSVs in {root}"
+                ),
+                sha256=sha256.get(split),
+                validate=functools.partial(
+                    _check_download, split=split, expected_classes=expected, per_class=per_class
+                ),
+                progress=progress,
+            )
+            sources[split] = _pickle_source(target, split)
+    return {split: source for split, source in sources.items() if source is not None}
+
+
+def prepare_miniimagenet(
+    data_dir: str | Path,
+    download: bool = True,
+    urls: Mapping[str, str] | None = None,
+    sha256: Mapping[str, str | None] | None = None,
+    progress: bool = True,
+    expected_classes: Mapping[str, int] | None = None,
+    images_per_class: int = IMAGES_PER_CLASS,
+) -> Path:
+    """Make sure every split of miniImageNet is under ``data_dir``, downloading absent ones.
+
+    A split is present as a pickle or as a CSV file plus ``images/`` (see the module
+    docstring); a CSV split is checked here (class and image counts, every listed file
+    present), a pickle when it is decoded. Absent splits are downloaded as pickles (only
+    when ``download``), checked (SHA-256 when given, then content) and written atomically.
+
+    Args:
+        data_dir: The data folder; miniImageNet lives in ``miniimagenet_root(data_dir)``.
+        download: Download absent splits; otherwise their absence is an error.
+        urls: Split -> URL of its pickle; default :data:`MINIIMAGENET_URLS`.
+        sha256: Split -> expected SHA-256 (None: not checked); default
+            :data:`MINIIMAGENET_SHA256`.
+        progress: Show a progress bar while downloading.
+        expected_classes: Split -> number of classes, when not 64 / 16 / 20 (small copies).
+        images_per_class: Images per class of a complete copy (600).
+
+    Returns:
+        ``miniimagenet_root(data_dir)``.
+
+    Raises:
+        DataError: A split is absent and ``download`` is false, a download fails or is
+            rejected, or a present CSV split is incomplete.
+    """
+    _prepare(data_dir, download, urls, sha256, progress, expected_classes, images_per_class)
+    return miniimagenet_root(data_dir)
+
+
+@dataclass(frozen=True)
+class MiniImageNetSplit:
+    """One decoded split.
+
+    Attributes:
+        images: uint8 tensor (classes, images per class, 3, size, size), RGB, 0..255.
+        classes: class id (WordNet id, e.g. ``"n01532829"``) of each row, sorted.
+    """
+
+    images: Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+def _cache_path(cache_dir: Path, source: _Source, image_size: int) -> Path:
+    key = json.dumps(
+        {
+            "source": list(source.fingerprint),
+            "image_size": image_size,
+            "preprocess_version": PREPROCESS_VERSION,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return cache_dir / (
+        f"miniimagenet_{source.split}_{image_size}px_v{PREPROCESS_VERSION}_{digest}.pt"
+    )
+
+
+def _read_cache(path: Path, shape: tuple[int, ...]) -> MiniImageNetSplit | None:
+    """The cached split (memory-mapped), or None when absent, unreadable or not ``shape``."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        images, classes = payload["images"], [str(c) for c in payload["classes"]]
+        if (
+            payload.get("format") != _CACHE_FORMAT
+            or payload.get("preprocess_version") != PREPROCESS_VERSION
+            or not isinstance(images, Tensor)
+            or images.dtype != torch.uint8
+            or tuple(images.shape) != shape
+            or len(classes) != shape[0]
+        ):
+            raise ValueError("content does not match the sources")
+    except Exception as err:  # any unreadable cache is rebuilt, never fatal
+        log.warning("Ignoring the unusable miniImageNet cache %s (%s); rebuilding it", path, err)
+        return None
+    return MiniImageNetSplit(images=images, classes=classes)
+
+
+def _unwritable(cache_dir: Path, err: BaseException) -> DataError:
+    return DataError(
+        f"cannot write the miniImageNet cache to {cache_dir} ({one_line(err)}); "
+        f"set paths.cache_dir / METALEARN_CACHE_DIR to a writable folder"
+    )
+
+
+def _load_split(
+    source: _Source,
+    cache_dir: Path,
+    image_size: int,
+    expected_classes: int,
+    per_class: int,
+    progress: bool,
+) -> MiniImageNetSplit:
+    path = _cache_path(cache_dir, source, image_size)
+    cached = _read_cache(path, (expected_classes, per_class, 3, image_size, image_size))
+    if cached is not None:
+        return cached
+    # Open the temporary file first, so an unwritable cache_dir fails before the decoding.
+    try:
+        fd, tmp = create_temp(cache_dir, path.name)
+    except OSError as err:
+        raise _unwritable(cache_dir, err) from err
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if source.kind == "pickle":
+                log.info("Decoding the miniImageNet pickle %s", source.path)
+                array, classes = _decode_pickle(source, image_size, expected_classes, per_class)
+            else:
+                array, classes = _decode_folder(source, image_size, progress)
+            images = torch.from_numpy(array)
+            payload = {
+                "format": _CACHE_FORMAT,
+                "preprocess_version": PREPROCESS_VERSION,
+                "split": source.split,
+                "image_size": image_size,
+                "classes": classes,
+                "images": images,
+            }
+            try:
+                torch.save(payload, out)
+            except OSError as err:
+                raise _unwritable(cache_dir, err) from err
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise _unwritable(cache_dir, err) from err
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    log.info("Cached miniImageNet %s (%d classes) in %s", source.split, len(classes), path)
+    return MiniImageNetSplit(images=images, classes=classes)
+
+
+def load_miniimagenet(
+    data_dir: str | Path,
+    cache_dir: str | Path,
+    image_size: int = IMAGE_SIZE,
+    download: bool = True,
+    progress: bool = True,
+    expected_classes: Mapping[str, int] | None = None,
+    images_per_class: int = IMAGES_PER_CLASS,
+    urls: Mapping[str, str] | None = None,
+    sha256: Mapping[str, str | None] | None = None,
+) -> dict[str, MiniImageNetSplit]:
+    """Load the three splits as uint8 tensors, decoding the source files only once.
+
+    Calls :func:`prepare_miniimagenet`, then per split reads
+    ``<cache_dir>/miniimagenet_<split>_<size>px_v<V>_<hash>.pt`` (memory-mapped) when it
+    exists; otherwise decodes the pickle or the images and writes that file atomically.
+    ``<hash>`` fingerprints the source (pickle: resolved path, size, mtime; folder: the CSV's
+    content and the listed files' count, total size and newest mtime), ``image_size`` and
+    :data:`PREPROCESS_VERSION`. An unreadable or mismatched cache file is rebuilt.
+
+    Args:
+        data_dir: The data folder (see :func:`miniimagenet_root`).
+        cache_dir: Folder for the decoded cache; created when missing.
+        image_size: Side of the decoded images (84; other sides are resized with Lanczos).
+        download: Download absent splits (see :func:`prepare_miniimagenet`).
+        progress: Show progress bars while downloading and decoding.
+        expected_classes: Split -> classes of a complete copy; default 64 / 16 / 20.
+        images_per_class: Images per class of a complete copy (600).
+        urls: Download URLs (default :data:`MINIIMAGENET_URLS`).
+        sha256: Expected checksums of downloads (default :data:`MINIIMAGENET_SHA256`).
+
+    Returns:
+        ``{"train", "val", "test"}`` -> :class:`MiniImageNetSplit`.
+
+    Raises:
+        DataError: miniImageNet is missing, incomplete, corrupt or of the wrong image size
+            or class count, or ``cache_dir`` is not writable. One line, naming the file.
+        ConfigError: ``image_size`` or ``images_per_class`` is not positive.
+    """
+    if image_size < 1:
+        raise ConfigError(f"miniImageNet image_size must be a positive integer, got {image_size}")
+    if images_per_class < 1:
+        raise ConfigError(f"data.images_per_class must be >= 1, got {images_per_class}")
+    sources = _prepare(
+        data_dir, download, urls, sha256, progress, expected_classes, images_per_class
+    )
+    cache = Path(cache_dir).expanduser()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable(cache, err) from err
+    return {
+        split: _load_split(
+            sources[split],
+            cache,
+            image_size,
+            _expected_classes(split, expected_classes),
+            images_per_class,
+            progress,
+        )
+        for split in MINIIMAGENET_SPLITS
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Augmentation
+# --------------------------------------------------------------------------------------
+
+
+def _crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
+    """Crop (n, C, H, W) images out of their zero-padded copies at ``offsets`` (n, 2), and
+    mirror those with ``flips`` (n,), with one gather on the images' device."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    device = images.device
+    offsets, flips = offsets.to(device), flips.to(device)
+    rows = offsets[:, :1] + torch.arange(height, device=device)  # (n, H)
+    across = torch.arange(width, device=device).expand(n, width)
+    cols = offsets[:, 1:] + torch.where(flips[:, None], width - 1 - across, across)  # (n, W)
+    picked = padded[
+        torch.arange(n, device=device)[:, None, None], :, rows[:, :, None], cols[:, None]
+    ]
+    return picked.permute(0, 3, 1, 2).contiguous()  # (n, H, W, C) -> (n, C, H, W)
+
+
+def augment_episodes(
+    batch: EpisodeBatch, seed: int, padding: int = 8, flip: bool = True
+) -> EpisodeBatch:
+    """Random crop with zero padding and random horizontal flip of every image of a batch.
+
+    Each support and query image is padded by ``padding`` pixels on every side, cropped
+    back to its size at a uniformly drawn offset, and mirrored with probability 1/2 (when
+    ``flip``). The draws of episode ``i`` are a pure function of ``(seed, i)``
+    (``numpy.random.default_rng([seed, crc32("augment"), i])``), so a run is reproducible,
+    and equal whatever the number of ranks or the step a resumed run starts from. Only the
+    offsets are drawn on the CPU; the images are transformed on their device, as uint8.
+
+    Args:
+        batch: support (B, N*K, C, H, W), query (B, N*Q, C, H, W), ``episode_ids`` (B,).
+        seed: the training seed.
+        padding: pixels of zero padding (8).
+        flip: also flip horizontally.
+
+    Returns:
+        The batch with new support and query images (labels unchanged).
+    """
+    if padding < 0:
+        raise ConfigError(f"data.augment_padding must be >= 0, got {padding}")
+    code = zlib.crc32(b"augment")
+    per_support, per_query = batch.support.shape[1], batch.query.shape[1]
+    per_episode = per_support + per_query
+    offsets, flips = [], []
+    for episode in batch.episode_ids.tolist():
+        rng = np.random.default_rng([seed, code, int(episode)])
+        offsets.append(rng.integers(0, 2 * padding + 1, size=(per_episode, 2)))
+        flips.append(rng.random(per_episode) < 0.5 if flip else np.zeros(per_episode, bool))
+    offset = torch.from_numpy(np.stack(offsets))  # (B, M, 2)
+    mirror = torch.from_numpy(np.stack(flips))  # (B, M)
+
+    def apply(images: Tensor, part: slice) -> Tensor:
+        out = _crop_flip(
+            images.flatten(0, 1), offset[:, part].flatten(0, 1), mirror[:, part].flatten(), padding
+        )
+        return out.view(images.shape)
+
+    return batch._replace(
+        support=apply(batch.support, slice(0, per_support)),
+        query=apply(batch.query, slice(per_support, per_episode)),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# DataModule
+# --------------------------------------------------------------------------------------
+
+
+class MiniImageNetDataModule(EpisodicDataModule):
+    """miniImageNet episodes (84x84 RGB, Ravi & Larochelle split: 64 / 16 / 20 classes).
+
+    Reads ``<data_dir>/miniimagenet/`` (pickles or CSVs + images, see the module docstring),
+    downloading the pickles of absent splits from a public mirror in :meth:`prepare_data`
+    when ``download`` is set, and decodes each split once into a uint8 cache under
+    ``cache_dir`` (also in :meth:`prepare_data`, which runs on one process only).
+
+    Optional training augmentation (off by default; the paper used none): random crop with
+    ``augment_padding`` pixels of zero padding and horizontal flip, applied per meta-batch
+    on the batch's device in :meth:`on_after_batch_transfer`, training batches only,
+    reproducibly (see :func:`augment_episodes`).
+
+    Args:
+        data_dir: data root (``paths.data_dir``).
+        cache_dir: where the decoded uint8 cache is written (``paths.cache_dir``).
+        split: ``"ravi"``, the only split (Ravi & Larochelle 2017), for reports.
+        image_size: side of the images (84).
+        download: download the pickles of absent splits.
+        urls: split -> pickle URL (None: :data:`MINIIMAGENET_URLS`).
+        sha256: split -> expected SHA-256 of a download (None: :data:`MINIIMAGENET_SHA256`).
+        expected_classes: classes per split when not 64 / 16 / 20 (small copies in tests).
+        images_per_class: images per class of a complete copy (600).
+        augment: random crop and flip of training images.
+        augment_padding: zero padding of the random crop, in pixels.
+        augment_flip: flip horizontally with probability 1/2 (when ``augment``).
+        **kwargs: episode geometry and loaders, see :class:`EpisodicDataModule`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        cache_dir: str | Path = ".cache",
+        split: str = "ravi",
+        image_size: int = IMAGE_SIZE,
+        download: bool = True,
+        urls: Mapping[str, str] | None = None,
+        sha256: Mapping[str, str | None] | None = None,
+        expected_classes: Mapping[str, int] | None = None,
+        images_per_class: int = IMAGES_PER_CLASS,
+        augment: bool = False,
+        augment_padding: int = 8,
+        augment_flip: bool = True,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        if split != "ravi":
+            raise ConfigError(f"unknown miniImageNet split {split!r}: the only one is 'ravi'")
+        if image_size < 1 or images_per_class < 1 or augment_padding < 0:
+            raise ConfigError(
+                f"data.image_size and data.images_per_class must be >= 1 and "
+                f"data.augment_padding >= 0, got {image_size}, {images_per_class}, "
+                f"{augment_padding}"
+            )
+        # Plain dicts, not Hydra's DictConfig: the hyperparameters go into checkpoints,
+        # which torch.load(weights_only=True) reads back.
+        urls = dict(urls) if urls is not None else None
+        sha256 = dict(sha256) if sha256 is not None else None
+        expected_classes = dict(expected_classes) if expected_classes is not None else None
+        self.save_hyperparameters()
+        self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
+        self.split, self.image_size, self.download = split, image_size, download
+        self.urls, self.sha256, self.expected_classes = urls, sha256, expected_classes
+        self.images_per_class = images_per_class
+        self.augment, self.augment_padding, self.augment_flip = (
+            augment,
+            augment_padding,
+            augment_flip,
+        )
+        self.classes: dict[str, list[str]] = {}
+
+    def _load(self, download: bool) -> dict[str, MiniImageNetSplit]:
+        return load_miniimagenet(
+            self.data_dir,
+            self.cache_dir,
+            self.image_size,
+            download=download,
+            expected_classes=self.expected_classes,
+            images_per_class=self.images_per_class,
+            urls=self.urls,
+            sha256=self.sha256,
+        )
+
+    def prepare_data(self) -> None:
+        self._load(self.download)  # downloads what is absent and writes the caches
+
+    def load_splits(self) -> dict[str, Tensor]:
+        splits = self._load(download=False)
+        self.classes = {name: split.classes for name, split in splits.items()}
+        return {name: split.images for name, split in splits.items()}
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if (
+            self.augment
+            and trainer is not None
+            and trainer.training
+            and isinstance(batch, EpisodeBatch)
+        ):
+            return augment_episodes(batch, self.seed, self.augment_padding, self.augment_flip)
+        return batch
