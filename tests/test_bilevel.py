@@ -10,7 +10,6 @@ from torch.autograd.functional import jacobian
 from metalearn.bilevel import fit_linear_heads, head_gradient, head_logits
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """Every tensor of these tests is float64 (restored afterwards for the other tests)."""

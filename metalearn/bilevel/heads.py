@@ -20,15 +20,20 @@ Hessian-vector products, never a Hessian.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fit_linear_heads", "head_gradient", "head_logits", "LearningRate"]
+__all__ = ["fit_linear_heads", "head_gradient", "head_logits", "LearningRate", "StepCallback"]
 
 #: A step size: a Python float, a 0-d tensor, or a tensor of shape (B,) (one per episode).
 #: A tensor that requires grad makes the step size an outer variable.
 LearningRate = float | Tensor
+
+#: ``callback(t, weight, bias)``: sees the heads after t inner steps.
+StepCallback = Callable[[int, Tensor, Tensor], None]
 
 
 def head_logits(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -112,6 +117,7 @@ def fit_linear_heads(
     l2: float = 0.0,
     truncate: int | None = None,
     first_order: bool = False,
+    callback: StepCallback | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Train B linear softmax heads from zero by ``steps`` steps of gradient descent.
 
@@ -138,6 +144,9 @@ def fit_linear_heads(
         first_order: treat each inner gradient as a constant (drop the second-order
             terms); the heads then depend on ``lr`` but not on the features through the
             inner steps.
+        callback: called as ``callback(t, weight, bias)`` with the heads after t steps, for
+            t = 0 (the zero heads) .. ``steps``; for monitoring (e.g. query accuracy against
+            the inner step), it must not modify the tensors.
 
     Returns:
         ``(weight, bias)`` of shapes (B, d, ways) and (B, ways), in the features' dtype.
@@ -166,6 +175,8 @@ def fit_linear_heads(
         features.requires_grad or (isinstance(lr, Tensor) and lr.requires_grad)
     )
     first_tracked = 0 if truncate is None else max(steps - truncate, 0)
+    if callback is not None:
+        callback(0, weight, bias)
     for step in range(steps):
         track = needs_graph and step >= first_tracked
         with torch.set_grad_enabled(track):
@@ -174,6 +185,8 @@ def fit_linear_heads(
                 grad_weight, grad_bias = grad_weight.detach(), grad_bias.detach()
             weight = weight - lr_w * grad_weight
             bias = bias - lr_b * grad_bias
+        if callback is not None:
+            callback(step + 1, weight, bias)
     if not needs_graph:
         weight, bias = weight.detach(), bias.detach()
     return weight, bias
