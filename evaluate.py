@@ -1,12 +1,14 @@
 """Evaluate a checkpoint on fixed test episodes: `python evaluate.py ckpt_path=PATH` (conf/eval.yaml)."""
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-os.environ.setdefault("METALEARN_ROOT", str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent
+os.environ.setdefault("METALEARN_ROOT", str(ROOT))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -18,4 +20,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from metalearn.utils.console import check_group_choices
+
+    check_group_choices(ROOT / "conf", sys.argv[1:])
     main()

@@ -140,7 +140,7 @@ def main() -> None:
 
         def bilevel_step(model: HyperRepresentation = model, steps: int = steps) -> None:
             model.zero_grad(set_to_none=True)
-            loss, _ = model.episode_forward(batch, steps)
+            loss, _, _ = model.episode_forward(batch, steps)
             loss.mean().backward()
 
         images = torch.cat([batch.support, batch.query], dim=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,13 @@ from torch import nn
 
 from metalearn.errors import ConfigError
 
-__all__ = ["read_checkpoint", "load_representation"]
+__all__ = [
+    "read_checkpoint",
+    "load_representation",
+    "check_resumable",
+    "config_differences",
+    "find_last_checkpoint",
+]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -55,3 +62,61 @@ def load_representation(checkpoint_path: str | Path) -> nn.Module:
     }
     net.load_state_dict(state)
     return net.eval()
+
+
+#: Model settings that change the parameters' shapes or meaning: a checkpoint whose values
+#: differ cannot be resumed with the current config.
+STRUCTURAL_KEYS = ("backbone", "learn_inner_lr", "inner_lr_param")
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def config_differences(
+    trained: Mapping[str, Any], current: Mapping[str, Any], keys: Sequence[str]
+) -> list[str]:
+    """``"model.key: checkpoint A, config B"`` for every differing leaf under ``keys``."""
+    differences = []
+    for key in keys:
+        old = _flatten(trained.get(key), f"model.{key}")
+        new = _flatten(current.get(key), f"model.{key}")
+        for leaf in sorted(set(old) | set(new)):
+            if old.get(leaf) != new.get(leaf):
+                differences.append(
+                    f"{leaf}: checkpoint {old.get(leaf)!r}, config {new.get(leaf)!r}"
+                )
+    return differences
+
+
+def check_resumable(checkpoint: Mapping[str, Any], model_config: Mapping[str, Any]) -> list[str]:
+    """Raise :class:`ConfigError` when the checkpoint's model differs structurally from
+    ``model_config``; return the other differences (worth a warning)."""
+    trained = checkpoint["hyper_parameters"]
+    structural = config_differences(trained, model_config, STRUCTURAL_KEYS)
+    if structural:
+        raise ConfigError(
+            "the checkpoint was trained with a different model config: " + "; ".join(structural)
+        )
+    others = [k for k in trained if k not in STRUCTURAL_KEYS and k in model_config]
+    return config_differences(trained, model_config, others)
+
+
+def find_last_checkpoint(output_dir: str | Path, runs_dir: str | Path) -> Path:
+    """Resolve ``ckpt_path=last``: this run folder's ``checkpoints/last.ckpt`` when it
+    exists, else the newest ``*/checkpoints/last.ckpt`` under ``runs_dir``."""
+    own = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        return own
+    found = sorted(Path(runs_dir).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(
+            f"ckpt_path=last: no checkpoints/last.ckpt in {output_dir} or under {runs_dir}; "
+            f"give the checkpoint's path instead"
+        )
+    return found[-1]

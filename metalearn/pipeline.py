@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
+import itertools
+import logging
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,18 +12,26 @@ from typing import Any
 
 import hydra.utils
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metalearn.checkpoint import read_checkpoint
+from metalearn.checkpoint import check_resumable, find_last_checkpoint, read_checkpoint
 from metalearn.data.datamodule import EpisodicDataModule
+from metalearn.errors import ConfigError
 from metalearn.lightning import HyperRepresentation
+from metalearn.reports import (
+    format_result,
+    markdown_table,
+    plot_accuracy_vs_steps,
+    write_json,
+)
 from metalearn.utils.console import print_config_tree
 
-__all__ = ["train", "evaluate", "write_report", "format_report"]
+__all__ = ["train", "evaluate"]
 
-#: Data settings that evaluate.py takes from the checkpoint unless given explicitly.
-_EPISODE_KEYS = ("ways", "shots", "query_shots", "split", "disjoint")
-_TRAINED_KEYS = _EPISODE_KEYS + ("image_size", "rotations")
+log = logging.getLogger(__name__)
+
+#: Data settings of the evaluation machine, never taken from the checkpoint.
+_LOCAL_DATA_KEYS = ("data_dir", "cache_dir", "split_dir", "download", "num_workers")
 
 
 def _instantiate_all(group: Mapping[str, Any] | None) -> list[Any]:
@@ -45,50 +54,56 @@ def _quiet_known_warnings() -> None:
 
 def _finish_wandb() -> None:
     """End the wandb run of this job (one run per job, also in a Hydra multirun)."""
-    import sys
-
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
 
 
-def format_report(report: Mapping[str, Any]) -> str:
-    """One line: accuracy ± 95% CI and the setting it was measured on."""
-    return (
-        f"test accuracy {100 * report['accuracy']:.2f}% ± {100 * report['ci95']:.2f} "
-        f"({report['episodes']} episodes, {report['ways']}-way {report['shots']}-shot, "
-        f"{report['query_shots']} queries per class, T={report['inner_steps']}, "
-        f"split {report['split']}, {'disjoint' if report.get('disjoint', True) else 'paper'} sampler)"
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _sweep_safe(trainer_cfg: DictConfig) -> DictConfig:
+    """In a Hydra multirun, replace plain ``ddp`` by ``ddp_spawn``.
+
+    Plain ``ddp`` starts the other ranks by re-running the command line; inside a sweep
+    that re-launches the sweep itself, and jobs silently train on part of the data.
+    ``ddp_spawn`` starts the ranks from inside the job and is correct there.
+    """
+    devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1) or 1
+    several = (
+        nodes > 1 or devices in (-1, "-1", "auto") or (isinstance(devices, int) and devices > 1)
     )
+    strategy = trainer_cfg.get("strategy", "auto")
+    if _in_multirun() and several and strategy in ("ddp", "auto", None):
+        log.warning(
+            "Hydra multirun with several devices: using strategy=ddp_spawn instead of %s "
+            "(plain ddp re-launches the command line, which breaks sweeps)",
+            strategy,
+        )
+        trainer_cfg = trainer_cfg.copy()
+        with open_dict(trainer_cfg):
+            trainer_cfg.strategy = "ddp_spawn"
+    return trainer_cfg
 
 
-def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write the evaluation report as JSON (atomically) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dict(report), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _test_report(
-    trainer: pl.Trainer,
-    model: HyperRepresentation,
-    datamodule: EpisodicDataModule,
-    checkpoint: str | None,
-) -> dict[str, Any]:
-    trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
-    return {
-        **model.last_eval,
-        "ways": datamodule.ways,
-        "shots": datamodule.shots,
-        "query_shots": datamodule.query_shots,
-        "inner_steps": model.eval_steps,
-        "split": getattr(datamodule, "split", None),
-        "disjoint": datamodule.disjoint,
-        "checkpoint": checkpoint,
-    }
+def _resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from (``ckpt_path``, ``last`` resolved), checked against
+    the model config."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+        ckpt_path = str(find_last_checkpoint(cfg.paths.output_dir, runs))
+        log.info("resuming from %s", ckpt_path)
+    model_cfg: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
+    for difference in check_resumable(read_checkpoint(ckpt_path), model_cfg):
+        log.warning("resuming with a changed setting: %s", difference)
+    return str(ckpt_path)
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -98,10 +113,30 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
     return path or None
 
 
-def _report(report: Mapping[str, Any], output_file: str) -> None:
-    path = write_report(report, output_file)
-    print(format_report(report))
-    print(f"report written to {path}")
+def _test_result(
+    trainer: pl.Trainer,
+    datamodule: EpisodicDataModule,
+    steps: int,
+    checkpoint: str | None,
+) -> dict[str, Any]:
+    """The test result of the last ``trainer.test``, read from ``callback_metrics`` (the
+    only results that come back from spawned ranks)."""
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    return {
+        "accuracy": metrics["test/acc"],
+        "ci95": metrics["test/ci95"],
+        "episodes": int(metrics["test/episodes"]),
+        "ways": datamodule.ways,
+        "shots": datamodule.shots,
+        "query_shots": datamodule.query_shots,
+        "inner_steps": steps,
+        "split": getattr(datamodule, "split", None),
+        "disjoint": datamodule.disjoint,
+        "checkpoint": checkpoint,
+        "loss": metrics["test/loss"],
+        "accuracy_per_step": [metrics[f"test/acc_t{t}"] for t in range(steps + 1)],
+        "ci95_per_step": [metrics[f"test/ci95_t{t}"] for t in range(steps + 1)],
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -117,58 +152,163 @@ def train(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: EpisodicDataModule = hydra.utils.instantiate(cfg.data)
     model: HyperRepresentation = hydra.utils.instantiate(cfg.model)
+    resume = _resume_checkpoint(cfg)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False
+        _sweep_safe(cfg.trainer), callbacks=callbacks, logger=loggers or False
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         if cfg.get("train", True):
-            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         if cfg.get("test", True):
-            report = _test_report(trainer, model, datamodule, _best_checkpoint(trainer))
-            _report(report, cfg.output_file)
-            metrics.update({f"test/{k}": float(report[k]) for k in ("accuracy", "ci95")})
+            best = _best_checkpoint(trainer)
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+            result = _test_result(trainer, datamodule, model.eval_steps, best)
+            write_json(result, cfg.output_file)
+            print(format_result(result))
+            print(f"report written to {cfg.output_file}")
+            metrics.update({f"test/{k}": float(result[k]) for k in ("accuracy", "ci95")})
     finally:
         _finish_wandb()
     return metrics
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate a checkpoint on fixed test episodes; print and write the report.
+def _as_list(value: Any) -> list[Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [int(v) for v in value.split(",")]
+    if OmegaConf.is_list(value) or isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
 
-    Settings (``ways``, ``shots``, ``query_shots``, ``split``, ``disjoint``, ``inner_steps``)
-    left ``null`` in the config are taken from the checkpoint.
-    """
-    _quiet_known_warnings()
-    checkpoint = read_checkpoint(cfg.ckpt_path)
-    model = HyperRepresentation(**checkpoint["hyper_parameters"])
-    model.load_state_dict(checkpoint["state_dict"])
-    if cfg.get("inner_steps") is not None:
-        model.eval_inner_steps = int(cfg.inner_steps)
 
-    data_cfg: dict[str, Any] = OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore[assignment]
-    trained = checkpoint.get("datamodule_hyper_parameters", {})
-    for key in _TRAINED_KEYS:
-        if key in trained:
-            data_cfg[key] = trained[key]
-    for key in _EPISODE_KEYS:
+def _training_wandb_project(ckpt_path: str) -> str | None:
+    """The wandb project of the run that wrote the checkpoint (from its .hydra/config.yaml)."""
+    config = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return None
+    project = OmegaConf.select(OmegaConf.load(config), "logger.wandb.project", default=None)
+    return None if project is None else str(project)
+
+
+def _evaluation_data_config(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The DataModule config for evaluating ``checkpoint``: the data set, split and
+    preprocessing it was trained with (its saved DataModule hyperparameters and class),
+    this machine's paths from ``cfg.data``, then the explicit overrides of ``cfg``."""
+    local: dict[str, Any] = OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore[assignment]
+    trained = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    target = next(
+        (v["target"] for v in checkpoint.values() if isinstance(v, dict) and "target" in v),
+        local["_target_"],
+    )
+    if target != local["_target_"]:
+        log.info("evaluating on the checkpoint's data set %s", target)
+    data_cfg = {**(trained if trained else local), "_target_": target}
+    for key in _LOCAL_DATA_KEYS:
+        if key in local:
+            data_cfg[key] = local[key]
+    for key in ("query_shots", "split", "disjoint"):
         if cfg.get(key) is not None:
             data_cfg[key] = cfg[key]
     data_cfg["test_episodes"] = int(cfg.episodes)
-    datamodule: EpisodicDataModule = hydra.utils.instantiate(data_cfg)
+    return data_cfg
 
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate a checkpoint on fixed test episodes, for one or several settings.
+
+    ``ways`` and ``shots`` may be lists (every combination is evaluated) and
+    ``inner_steps`` a list of test-time inner step counts (read off one inner solve of
+    max(inner_steps) steps). Settings left ``null`` come from the checkpoint. Writes
+    ``output_file`` (the first result, with all of them under ``results``) and, in the run
+    folder, ``report.json``, ``report.md`` and ``accuracy_vs_steps.png``.
+    """
+    _quiet_known_warnings()
+    ckpt_path = str(cfg.ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path)
+    model = HyperRepresentation(**checkpoint["hyper_parameters"])
+    model.load_state_dict(checkpoint["state_dict"])
+
+    data_cfg = _evaluation_data_config(cfg, checkpoint)
+    ways_list = _as_list(cfg.get("ways")) or [data_cfg["ways"]]
+    shots_list = _as_list(cfg.get("shots")) or [data_cfg["shots"]]
+    steps_list = _as_list(cfg.get("inner_steps")) or [model.eval_steps]
+    if min(steps_list) < 0:
+        raise ConfigError(f"inner_steps must be >= 0, got {steps_list}")
+    model.eval_inner_steps = max(max(steps_list), 1)
+
+    if cfg.get("logger") and "wandb" in cfg.logger:
+        project = _training_wandb_project(ckpt_path)
+        if project and cfg.logger.wandb.get("project") in (None, "metalearn"):
+            with open_dict(cfg):
+                cfg.logger.wandb.project = project
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[], enable_checkpointing=False
     )
+    results: list[dict[str, Any]] = []
+    curves: dict[str, list[float]] = {}
     try:
-        report = _test_report(trainer, model, datamodule, None)
-        report["checkpoint"] = str(Path(cfg.ckpt_path).resolve())
-        _report(report, cfg.output_file)
+        for ways, shots in itertools.product(ways_list, shots_list):
+            datamodule: EpisodicDataModule = hydra.utils.instantiate(
+                {**data_cfg, "ways": ways, "shots": shots}
+            )
+            trainer.test(model, datamodule=datamodule, verbose=False)
+            full = _test_result(
+                trainer, datamodule, model.eval_steps, str(Path(ckpt_path).resolve())
+            )
+            curves[f"{ways}-way {shots}-shot"] = full["accuracy_per_step"]
+            for steps in steps_list:
+                result = {
+                    **full,
+                    "accuracy": full["accuracy_per_step"][steps],
+                    "ci95": full["ci95_per_step"][steps],
+                    "inner_steps": steps,
+                }
+                result.pop("loss")
+                results.append(result)
+                print(format_result(result))
+        out_dir = Path(cfg.paths.output_dir)
+        write_json({**results[0], "results": results}, cfg.output_file)
+        write_json(
+            {"checkpoint": results[0]["checkpoint"], "results": results}, out_dir / "report.json"
+        )
+        table = markdown_table(results)
+        (out_dir / "report.md").write_text(f"# Evaluation of `{ckpt_path}`\n\n{table}")
+        plot = plot_accuracy_vs_steps(curves, out_dir / "accuracy_vs_steps.png")
+        print(f"reports written to {out_dir} (report.md, report.json, {plot.name})")
+        _log_eval_to_wandb(loggers, results, plot)
     finally:
         _finish_wandb()
-    return report
+    return {**results[0], "results": results}
+
+
+def _log_eval_to_wandb(loggers: list[Any], results: list[dict[str, Any]], plot: Path) -> None:
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        columns: list[str | int] = [
+            "ways",
+            "shots",
+            "query_shots",
+            "inner_steps",
+            "accuracy",
+            "ci95",
+            "episodes",
+        ]
+        table = wandb.Table(columns=columns, data=[[r[str(c)] for c in columns] for r in results])
+        logger.experiment.log(
+            {"eval/results": table, "eval/accuracy_vs_steps": wandb.Image(str(plot))}
+        )
+        logger.experiment.summary.update(
+            {"test/acc": results[0]["accuracy"], "test/ci95": results[0]["ci95"]}
+        )

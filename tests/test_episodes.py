@@ -79,20 +79,20 @@ def test_episode_is_pure_function_of_seed_split_index():
 
 def test_train_stream_same_for_ranks_workers_and_resume():
     sampler = EpisodeSampler(toy_images(), 3, 1, 2, seed=0, split="train")
-    single = list(TrainEpisodes(sampler, meta_batch=4, num_steps=6))
+    single = list(TrainEpisodes(sampler, meta_batch=4, end_step=6))
     assert [b.episode_ids.tolist() for b in single[:2]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    ranks = [list(TrainEpisodes(sampler, 4, num_steps=6, rank=r, world_size=2)) for r in (0, 1)]
+    ranks = [list(TrainEpisodes(sampler, 4, end_step=6, rank=r, world_size=2)) for r in (0, 1)]
     for step, full in enumerate(single):
         joined = torch.cat([ranks[0][step].query, ranks[1][step].query])
         assert torch.equal(joined, full.query)
         ids = ranks[0][step].episode_ids.tolist() + ranks[1][step].episode_ids.tolist()
         assert ids == full.episode_ids.tolist()
     workers = list(
-        DataLoader(TrainEpisodes(sampler, 4, num_steps=6), batch_size=None, num_workers=2)
+        DataLoader(TrainEpisodes(sampler, 4, end_step=6), batch_size=None, num_workers=2)
     )
     assert [b.episode_ids.tolist() for b in workers] == [b.episode_ids.tolist() for b in single]
     assert all(torch.equal(w.support, s.support) for w, s in zip(workers, single, strict=True))
-    resumed = list(TrainEpisodes(sampler, 4, start_step=4, num_steps=2))
+    resumed = list(TrainEpisodes(sampler, 4, start_step=4, end_step=6))
     assert torch.equal(resumed[0].support, single[4].support)
     with pytest.raises(ConfigError, match="divisible"):
         TrainEpisodes(sampler, 3, world_size=2)

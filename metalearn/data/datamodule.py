@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -95,6 +96,14 @@ class EpisodicDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     # -- Lightning hooks ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: which DataModule class trained the model (evaluate.py
+        rebuilds it from this and the saved hyperparameters)."""
+        return {"target": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the episode stream is a function of the global step."""
+
     def setup(self, stage: str | None = None) -> None:
         if self.samplers:
             return
@@ -119,27 +128,28 @@ class EpisodicDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         start = trainer.global_step if trainer is not None else 0
         max_steps = trainer.max_steps if trainer is not None else -1
-        num_steps = None if max_steps is None or max_steps < 0 else max(max_steps - start, 0)
-        rank = trainer.global_rank if trainer is not None else 0
-        world = trainer.world_size if trainer is not None else 1
-        stream = TrainEpisodes(
-            self.samplers["train"], self.meta_batch, start, num_steps, rank, world
-        )
+        end = None if max_steps is None or max_steps < 0 else max_steps
+        stream = TrainEpisodes(self.samplers["train"], self.meta_batch, start, end, *self._rank())
         return self._loader(stream)
 
-    def val_dataloader(self) -> DataLoader:
+    def _fixed(self, split: str, episodes: int) -> DataLoader:
         return self._loader(
-            FixedEpisodes(self.samplers["val"], self.val_episodes, self.eval_meta_batch)
+            FixedEpisodes(self.samplers[split], episodes, self.eval_meta_batch, *self._rank())
         )
 
+    def val_dataloader(self) -> DataLoader:
+        return self._fixed("val", self.val_episodes)
+
     def test_dataloader(self) -> DataLoader:
-        return self._loader(
-            FixedEpisodes(self.samplers["test"], self.test_episodes, self.eval_meta_batch)
-        )
+        return self._fixed("test", self.test_episodes)
 
 
 def with_rotations(images: Tensor, rotations: bool) -> Tensor:

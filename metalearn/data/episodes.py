@@ -172,8 +172,10 @@ class TrainEpisodes(IterableDataset):
     Args:
         sampler: the split's episode sampler.
         meta_batch: B, global number of episodes per outer step.
-        start_step: first step to yield.
-        num_steps: number of steps to yield (``None``: endless).
+        start_step: first step to yield (the trainer's global step when resuming).
+        end_step: the step to stop before (``None``: endless). ``len()`` is ``end_step``,
+            the length of the whole epoch, because after a resume Lightning counts the
+            batches of the epoch already done.
         rank: this process's rank.
         world_size: number of ranks; must divide ``meta_batch``.
     """
@@ -183,7 +185,7 @@ class TrainEpisodes(IterableDataset):
         sampler: EpisodeSampler,
         meta_batch: int,
         start_step: int = 0,
-        num_steps: int | None = None,
+        end_step: int | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -195,13 +197,13 @@ class TrainEpisodes(IterableDataset):
                 f"must be divisible by the number of ranks ({world_size})"
             )
         self.sampler, self.meta_batch = sampler, meta_batch
-        self.start_step, self.num_steps = start_step, num_steps
+        self.start_step, self.end_step = start_step, end_step
         self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        if self.num_steps is None:
+        if self.end_step is None:
             raise TypeError("an endless episode stream has no length")
-        return self.num_steps
+        return self.end_step
 
     def episode_ids(self, step: int) -> range:
         local = self.meta_batch // self.world_size
@@ -211,28 +213,40 @@ class TrainEpisodes(IterableDataset):
     def __iter__(self) -> Iterator[EpisodeBatch]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        step = self.start_step + worker
-        end = None if self.num_steps is None else self.start_step + self.num_steps
+        step, end = self.start_step + worker, self.end_step
         while end is None or step < end:
             yield self.sampler.sample(self.episode_ids(step))
             step += workers
 
 
 class FixedEpisodes(Dataset):
-    """A fixed set of ``episodes`` evaluation episodes in meta-batches of ``meta_batch``."""
+    """Fixed evaluation episodes ``0 .. episodes - 1`` in meta-batches of ``meta_batch``.
 
-    def __init__(self, sampler: EpisodeSampler, episodes: int, meta_batch: int) -> None:
+    With ``world_size`` ranks, rank r evaluates episodes r, r + world_size, ... (no
+    padding, so no episode is counted twice; ranks may differ by one episode).
+    """
+
+    def __init__(
+        self,
+        sampler: EpisodeSampler,
+        episodes: int,
+        meta_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if episodes < 1 or meta_batch < 1:
             raise ConfigError(
                 f"evaluation needs episodes >= 1 and meta_batch >= 1, got {episodes}, {meta_batch}"
             )
         self.sampler, self.episodes, self.meta_batch = sampler, episodes, meta_batch
+        self.ids = range(rank, episodes, world_size)
 
     def __len__(self) -> int:
-        return math.ceil(self.episodes / self.meta_batch)
+        return math.ceil(len(self.ids) / self.meta_batch)
 
     def __getitem__(self, index: int) -> EpisodeBatch:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        first = index * self.meta_batch
-        return self.sampler.sample(range(first, min(first + self.meta_batch, self.episodes)))
+        return self.sampler.sample(
+            self.ids[index * self.meta_batch : (index + 1) * self.meta_batch]
+        )

@@ -1,5 +1,25 @@
 """Lightning glue: the LightningModule that joins backbone, bilevel core and episodes."""
 
-from metalearn.lightning.module import BatchStats, HyperRepresentation, InverseTimeDecay, mean_ci95
+from metalearn.lightning.callbacks import (
+    AtomicCheckpointIO,
+    EpisodeRate,
+    InnerStepCurve,
+    ResumeCheckpoint,
+)
+from metalearn.lightning.module import (
+    BatchStats,
+    HyperRepresentation,
+    InverseTimeDecay,
+    TrainingDiverged,
+)
 
-__all__ = ["BatchStats", "HyperRepresentation", "InverseTimeDecay", "mean_ci95"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "BatchStats",
+    "EpisodeRate",
+    "HyperRepresentation",
+    "InnerStepCurve",
+    "InverseTimeDecay",
+    "ResumeCheckpoint",
+    "TrainingDiverged",
+]

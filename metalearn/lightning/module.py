@@ -11,13 +11,20 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from metalearn.bilevel import fit_linear_heads, head_logits
 from metalearn.data.episodes import EpisodeBatch
-from metalearn.errors import ConfigError
+from metalearn.errors import ConfigError, MetalearnError
+from metalearn.reports import mean_ci95
 
-__all__ = ["HyperRepresentation", "InverseTimeDecay", "BatchStats"]
+__all__ = ["HyperRepresentation", "InverseTimeDecay", "BatchStats", "TrainingDiverged"]
+
+
+class TrainingDiverged(MetalearnError, FloatingPointError):
+    """The outer loss became inf or NaN (usually an inner learning rate that is too large)."""
+
 
 #: How BatchNorm statistics are grouped in the backbone pass (``norm="batch"`` backbones):
 #: ``"episode"``: per episode over its support and query images together (one pass);
@@ -40,13 +47,6 @@ def _plain(config: Any) -> Any:
     return (
         OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
     )
-
-
-def mean_ci95(values: Tensor) -> tuple[float, float]:
-    """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)`` of per-episode values."""
-    values = values.double()
-    std = values.std(unbiased=True).item() if values.numel() > 1 else 0.0
-    return values.mean().item(), 1.96 * std / math.sqrt(values.numel())
 
 
 class HyperRepresentation(pl.LightningModule):
@@ -72,6 +72,9 @@ class HyperRepresentation(pl.LightningModule):
         batch_stats: grouping of BatchNorm statistics, see :data:`BatchStats`.
         optimizer: Hydra config of the outer optimizer, ``_partial_: true`` (params bound here).
         lr_decay: inverse-time decay of the outer learning rate per step (0: constant).
+        nonfinite: what to do when the outer loss is inf or NaN (a diverging inner loop):
+            ``"raise"`` stops training with a message naming the step and the inner lr;
+            ``"skip"`` skips that meta-batch's update (never trains on NaN).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class HyperRepresentation(pl.LightningModule):
         batch_stats: BatchStats = "episode",
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
         backbone, optimizer = _plain(backbone), _plain(optimizer)
@@ -107,6 +111,7 @@ class HyperRepresentation(pl.LightningModule):
                 "batch_stats": batch_stats,
                 "optimizer": optimizer,
                 "lr_decay": lr_decay,
+                "nonfinite": nonfinite,
             }
         )
         if inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 1):
@@ -120,6 +125,8 @@ class HyperRepresentation(pl.LightningModule):
             raise ConfigError(
                 f"model.inner_lr_param must be 'exp' or 'softplus', got {inner_lr_param!r}"
             )
+        if nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"model.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if batch_stats not in ("episode", "split", "meta_batch"):
             raise ConfigError(
                 f"model.batch_stats must be one of episode, split, meta_batch, got {batch_stats!r}"
@@ -131,10 +138,15 @@ class HyperRepresentation(pl.LightningModule):
         self.optimizer_config, self.lr_decay = optimizer, lr_decay
         raw = math.log(inner_lr) if inner_lr_param == "exp" else math.log(math.expm1(inner_lr))
         self.inner_lr_raw = nn.Parameter(torch.tensor(raw), requires_grad=learn_inner_lr)
+        self.nonfinite = nonfinite
         self.val_acc_best = 0.0
-        self._episode_acc: list[Tensor] = []
-        self._episode_loss: list[Tensor] = []
-        self.last_eval: dict[str, float] = {}
+        self.skipped_batches = 0
+        self._episode_rows: list[Tensor] = []
+        self._episode_ids: list[Tensor] = []
+        #: The last validation / test result: accuracy, ci95, episodes, loss, and the mean
+        #: query accuracy and its CI after t = 0..T inner steps (accuracy_per_step,
+        #: ci95_per_step). Set in the process that evaluated (see the pipeline for spawn).
+        self.last_eval: dict[str, Any] = {}
 
     # -- the model ----------------------------------------------------------------------
     @property
@@ -147,8 +159,8 @@ class HyperRepresentation(pl.LightningModule):
     def embed(self, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
         """Backbone features of support (B, NK, ...) and query (B, NQ, ...) images.
 
-        uint8 images are scaled to [0, 1] here, on the model's device, one meta-batch at a
-        time. Returns (B, NK, d) and (B, NQ, d).
+        uint8 images are scaled to [0, 1] here, on the model's device and in the
+        parameters' dtype, one meta-batch at a time. Returns (B, NK, d) and (B, NQ, d).
         """
         support, query = self._to_float(support), self._to_float(query)
         stats = self.batch_stats
@@ -161,13 +173,29 @@ class HyperRepresentation(pl.LightningModule):
             features = self.backbone(images)
         return features.split([support.shape[1], query.shape[1]], dim=1)
 
-    @staticmethod
-    def _to_float(images: Tensor) -> Tensor:
-        return images.float().div_(255) if images.dtype == torch.uint8 else images
+    def _to_float(self, images: Tensor) -> Tensor:
+        """uint8 (0..255) -> the parameters' floating dtype in [0, 1]."""
+        if images.dtype != torch.uint8:
+            return images
+        return images.to(self.inner_lr_raw.dtype).div_(255)
 
-    def episode_forward(self, batch: EpisodeBatch, steps: int) -> tuple[Tensor, Tensor]:
-        """Query loss and accuracy of every episode of the meta-batch, each of shape (B,)."""
+    def episode_forward(
+        self, batch: EpisodeBatch, steps: int, per_step: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Query loss and accuracy of every episode of the meta-batch.
+
+        Returns:
+            ``(loss (B,), accuracy (B,), accuracy_per_step)``: the last is (B, steps + 1),
+            the query accuracy of the heads after t = 0..steps inner steps, when
+            ``per_step`` is set, else None.
+        """
         support_features, query_features = self.embed(batch.support, batch.query)
+        curve: list[Tensor] = []
+
+        def track(step: int, weight: Tensor, bias: Tensor) -> None:
+            predicted = head_logits(query_features, weight, bias).argmax(-1)
+            curve.append((predicted == batch.query_labels).float().mean(1))
+
         weight, bias = fit_linear_heads(
             support_features,
             batch.support_labels,
@@ -177,25 +205,36 @@ class HyperRepresentation(pl.LightningModule):
             l2=self.l2,
             truncate=self.truncate,
             first_order=self.first_order,
+            callback=track if per_step else None,
         )
         logits = head_logits(query_features, weight, bias)
         loss = F.cross_entropy(logits.transpose(1, 2), batch.query_labels, reduction="none")
         accuracy = (logits.argmax(-1) == batch.query_labels).float().mean(1)
-        return loss.mean(1), accuracy
+        return loss.mean(1), accuracy, torch.stack(curve, dim=1) if per_step else None
 
     # -- training -----------------------------------------------------------------------
-    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
-        loss, accuracy = self.episode_forward(batch, self.inner_steps)
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor | None:
+        loss, accuracy, _ = self.episode_forward(batch, self.inner_steps)
         loss = loss.mean()
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the outer loss is {loss.item()} at step {self.global_step} (inner lr "
-                f"{self.inner_lr.item():.4g}); lower model.inner_lr or the outer learning rate"
+            message = (
+                f"the outer loss is {loss.item()} at step {self.global_step} with inner lr "
+                f"{self.inner_lr.item():.4g}: the inner loop diverged; lower model.inner_lr "
+                f"(or the outer learning rate), or set model.nonfinite=skip"
             )
+            if self.nonfinite == "raise":
+                raise TrainingDiverged(message)
+            rank_zero_warn(message + "; skipping this meta-batch")
+            self.skipped_batches += 1
+            self.log("train/skipped", float(self.skipped_batches), batch_size=len(accuracy))
+            return None
         size = len(accuracy)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/acc", accuracy.mean(), prog_bar=True, batch_size=size)
         self.log("train/inner_lr", self.inner_lr.detach(), batch_size=size)
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if optimizer is not None:
+            self.log("train/outer_lr", float(optimizer.param_groups[0]["lr"]), batch_size=size)
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -216,26 +255,57 @@ class HyperRepresentation(pl.LightningModule):
 
     def _eval_step(self, batch: EpisodeBatch) -> None:
         with torch.no_grad():
-            loss, accuracy = self.episode_forward(batch, self.eval_steps)
-        self._episode_loss.append(loss)
-        self._episode_acc.append(accuracy)
+            loss, _, curve = self.episode_forward(batch, self.eval_steps, per_step=True)
+        assert curve is not None
+        # Row layout: accuracy after t = 0..T steps, then the query loss.
+        self._episode_rows.append(torch.cat([curve, loss[:, None]], dim=1))
+        self._episode_ids.append(batch.episode_ids.to(loss.device))
 
-    def _gather(self, values: list[Tensor]) -> Tensor:
-        """Per-episode values of all ranks, as one flat tensor."""
-        gathered = self.all_gather(torch.cat(values))
-        assert isinstance(gathered, Tensor)
-        return gathered.flatten()
+    def _gather_episodes(self) -> tuple[Tensor, Tensor]:
+        """Per-episode rows of all ranks, each episode once, ordered by episode id.
 
-    def _eval_epoch_end(self, stage: str) -> dict[str, float]:
-        accuracy = self._gather(self._episode_acc)
-        loss = self._gather(self._episode_loss)
-        self._episode_acc.clear()
-        self._episode_loss.clear()
-        mean, ci95 = mean_ci95(accuracy)
-        result = {"accuracy": mean, "ci95": ci95, "episodes": int(accuracy.numel())}
+        Ranks may hold different numbers of episodes (evaluation episodes are split
+        without padding), so rows are padded to a common length for ``all_gather`` and
+        the padding (id -1) dropped afterwards.
+        """
+        rows, ids = torch.cat(self._episode_rows), torch.cat(self._episode_ids)
+        self._episode_rows.clear()
+        self._episode_ids.clear()
+        if self.trainer.world_size > 1:
+            count = torch.tensor([len(ids)], device=ids.device)
+            longest = int(self.trainer.strategy.reduce(count, reduce_op="max").item())
+            pad = longest - len(ids)
+            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+            ids = torch.cat([ids, ids.new_full((pad,), -1)])
+            rows = self.all_gather(rows).flatten(0, -2)  # type: ignore[union-attr]
+            ids = self.all_gather(ids).flatten()  # type: ignore[union-attr]
+        keep = ids >= 0
+        rows, ids = rows[keep], ids[keep]
+        order = torch.argsort(ids)
+        return rows[order], ids[order]
+
+    def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
+        rows, _ = self._gather_episodes()
+        curve, loss = rows[:, :-1], rows[:, -1]
+        stats = [mean_ci95(curve[:, t]) for t in range(curve.shape[1])]
+        mean, ci95 = stats[-1]
+        result: dict[str, Any] = {
+            "accuracy": mean,
+            "ci95": ci95,
+            "episodes": int(curve.shape[0]),
+            "loss": float(loss.double().mean()),
+            "accuracy_per_step": [m for m, _ in stats],
+            "ci95_per_step": [c for _, c in stats],
+        }
         self.log(f"{stage}/acc", mean, prog_bar=stage == "val", sync_dist=False)
         self.log(f"{stage}/ci95", ci95, sync_dist=False)
-        self.log(f"{stage}/loss", loss.double().mean().item(), sync_dist=False)
+        self.log(f"{stage}/loss", result["loss"], sync_dist=False)
+        if stage == "test":
+            # Also in callback_metrics, which reach the main process under ddp_spawn.
+            self.log("test/episodes", float(result["episodes"]), logger=False, sync_dist=False)
+            for t, (m, c) in enumerate(stats):
+                self.log(f"test/acc_t{t}", m, logger=False, sync_dist=False)
+                self.log(f"test/ci95_t{t}", c, logger=False, sync_dist=False)
         self.last_eval = result
         return result
 
@@ -244,8 +314,8 @@ class HyperRepresentation(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            self._episode_acc.clear()
-            self._episode_loss.clear()
+            self._episode_rows.clear()
+            self._episode_ids.clear()
             return
         result = self._eval_epoch_end("val")
         self.val_acc_best = max(self.val_acc_best, result["accuracy"])

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn.errors import MetalearnError
 
-__all__ = ["print_config_tree", "exit_on_user_error", "user_error"]
+__all__ = ["print_config_tree", "exit_on_user_error", "user_error", "check_group_choices"]
 
 T = TypeVar("T")
 
@@ -61,3 +62,34 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
             raise SystemExit(2) from None
 
     return wrapper
+
+
+#: Config groups provided by Hydra or its plugins rather than by files under conf/.
+_BUILTIN_CHOICES = {"hydra/launcher": {"basic", "submitit_local", "submitit_slurm"}}
+
+
+def check_group_choices(conf_dir: str | Path, overrides: list[str]) -> None:
+    """Exit with one line listing the choices when a command-line override names an
+    unknown option of a config group (``experiment=foo``, ``data=bar``, ``model=...``).
+
+    Hydra's own message for this is several lines of its internals; this check runs
+    before Hydra composes anything. Sweeps (``experiment=a,b``) are checked value by value;
+    ``null`` and sweep functions (``choice(...)``) are left to Hydra.
+    """
+    root = Path(conf_dir)
+    for override in overrides:
+        if "=" not in override or override.startswith(("~", "-")):
+            continue
+        key, value = override.split("=", 1)
+        group = key.lstrip("+")
+        folder = root / group
+        known = {p.stem for p in folder.glob("*.yaml")} | _BUILTIN_CHOICES.get(group, set())
+        if not folder.is_dir() or "(" in value:
+            continue
+        for choice in value.split(","):
+            if choice and choice != "null" and choice not in known:
+                print(
+                    f"error: unknown {group} '{choice}'; available: {', '.join(sorted(known))}",
+                    file=sys.stderr,
+                )
+                raise SystemExit(2)

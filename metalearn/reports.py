@@ -1,0 +1,90 @@
+"""Evaluation reports: accuracy ± 95% CI per setting as JSON, markdown and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+__all__ = [
+    "mean_ci95",
+    "format_result",
+    "write_json",
+    "markdown_table",
+    "plot_accuracy_vs_steps",
+]
+
+
+def mean_ci95(values: Tensor) -> tuple[float, float]:
+    """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)`` of per-episode values."""
+    values = values.double().flatten()
+    std = values.std(unbiased=True).item() if values.numel() > 1 else 0.0
+    return values.mean().item(), 1.96 * std / math.sqrt(values.numel())
+
+
+def format_result(result: Mapping[str, Any]) -> str:
+    """One line: accuracy ± 95% CI and the setting it was measured on."""
+    sampler = "disjoint" if result.get("disjoint", True) else "paper"
+    return (
+        f"test accuracy {100 * result['accuracy']:.2f}% ± {100 * result['ci95']:.2f} "
+        f"({result['episodes']} episodes, {result['ways']}-way {result['shots']}-shot, "
+        f"{result['query_shots']} queries per class, T={result['inner_steps']}, "
+        f"split {result['split']}, {sampler} sampler)"
+    )
+
+
+def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` as indented JSON, atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """A markdown table: setting, inner steps, accuracy ± 95% CI, episodes."""
+    lines = [
+        "| setting | inner steps | accuracy (%) | episodes |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['ways']}-way {r['shots']}-shot, {r['query_shots']} queries | "
+            f"{r['inner_steps']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | "
+            f"{r['episodes']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_steps(
+    curves: Mapping[str, Sequence[float]], path: str | os.PathLike[str], title: str = ""
+) -> Path:
+    """Plot mean query accuracy against the inner step t = 0..T, one line per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        axis.plot(range(len(curve)), [100 * a for a in curve], marker="o", label=label)
+    axis.set_xlabel("inner step t")
+    axis.set_ylabel("query accuracy (%)")
+    axis.set_title(title or "accuracy of the episode heads after t inner steps")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
