@@ -98,6 +98,12 @@ def check_resumable(checkpoint: Mapping[str, Any], model_config: Mapping[str, An
     """Raise :class:`ConfigError` when the checkpoint's model differs structurally from
     ``model_config``; return the other differences (worth a warning)."""
     trained = checkpoint["hyper_parameters"]
+    target = checkpoint.get("model_target", "metalearn.lightning.HyperRepresentation")
+    if model_config.get("_target_", target) != target:
+        raise ConfigError(
+            f"the checkpoint holds a {target}, the config a {model_config['_target_']}: "
+            f"choose the model (or algorithm) the checkpoint was trained with"
+        )
     structural = config_differences(trained, model_config, STRUCTURAL_KEYS)
     if structural:
         raise ConfigError(

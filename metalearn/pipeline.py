@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from metalearn.checkpoint import check_resumable, find_last_checkpoint, read_checkpoint
 from metalearn.data.datamodule import EpisodicDataModule
 from metalearn.errors import ConfigError
-from metalearn.lightning import HyperRepresentation
+from metalearn.lightning import EpisodicModule
 from metalearn.reports import (
     format_result,
     markdown_table,
@@ -150,8 +150,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print_config_tree(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("runner"):
+        # Experiments that are not episodic Lightning training (hyperparameter optimization).
+        try:
+            metrics: dict[str, float] = hydra.utils.call(cfg.runner, cfg)
+        finally:
+            _finish_wandb()
+        return metrics
     datamodule: EpisodicDataModule = hydra.utils.instantiate(cfg.data)
-    model: HyperRepresentation = hydra.utils.instantiate(cfg.model)
+    model: EpisodicModule = hydra.utils.instantiate(cfg.model)
     resume = _resume_checkpoint(cfg)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
@@ -196,6 +203,14 @@ def _training_wandb_project(ckpt_path: str) -> str | None:
     return None if project is None else str(project)
 
 
+def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> EpisodicModule:
+    """Rebuild the trained LightningModule (its class is recorded in the checkpoint)."""
+    target = checkpoint.get("model_target", "metalearn.lightning.HyperRepresentation")
+    model: EpisodicModule = hydra.utils.get_class(target)(**checkpoint["hyper_parameters"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
+
+
 def _evaluation_data_config(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The DataModule config for evaluating ``checkpoint``: the data set, split and
     preprocessing it was trained with (its saved DataModule hyperparameters and class),
@@ -231,8 +246,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     _quiet_known_warnings()
     ckpt_path = str(cfg.ckpt_path)
     checkpoint = read_checkpoint(ckpt_path)
-    model = HyperRepresentation(**checkpoint["hyper_parameters"])
-    model.load_state_dict(checkpoint["state_dict"])
+    model = model_from_checkpoint(checkpoint)
 
     data_cfg = _evaluation_data_config(cfg, checkpoint)
     ways_list = _as_list(cfg.get("ways")) or [data_cfg["ways"]]

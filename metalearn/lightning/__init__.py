@@ -1,4 +1,4 @@
-"""Lightning glue: the LightningModule that joins backbone, bilevel core and episodes."""
+"""Lightning glue: LightningModules that join backbone, bilevel core and episodes."""
 
 from metalearn.lightning.callbacks import (
     AtomicCheckpointIO,
@@ -6,17 +6,19 @@ from metalearn.lightning.callbacks import (
     InnerStepCurve,
     ResumeCheckpoint,
 )
-from metalearn.lightning.module import (
+from metalearn.lightning.episodic import (
     BatchStats,
-    HyperRepresentation,
+    EpisodicModule,
     InverseTimeDecay,
     TrainingDiverged,
 )
+from metalearn.lightning.module import HyperRepresentation
 
 __all__ = [
     "AtomicCheckpointIO",
     "BatchStats",
     "EpisodeRate",
+    "EpisodicModule",
     "HyperRepresentation",
     "InnerStepCurve",
     "InverseTimeDecay",

@@ -1,0 +1,266 @@
+"""Base LightningModule for episodic few-shot learners: one evaluation protocol for all."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import hydra.utils
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from metalearn.data.episodes import EpisodeBatch
+from metalearn.errors import ConfigError, MetalearnError
+from metalearn.reports import mean_ci95
+
+__all__ = ["EpisodicModule", "BatchStats", "InverseTimeDecay", "TrainingDiverged", "plain"]
+
+#: How BatchNorm statistics are grouped in the backbone pass (``norm="batch"`` backbones):
+#: ``"episode"``: per episode over its support and query images together (one pass);
+#: ``"split"``: per episode, support and query separately (two passes; the paper's code);
+#: ``"meta_batch"``: over all images of the meta-batch at once (one pass).
+BatchStats = Literal["episode", "split", "meta_batch"]
+
+
+class TrainingDiverged(MetalearnError, FloatingPointError):
+    """The training loss became inf or NaN (usually an inner learning rate that is too large)."""
+
+
+class InverseTimeDecay:
+    """Learning-rate factor ``1 / (1 + decay * step)`` (the paper's outer schedule)."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def __call__(self, step: int) -> float:
+        return 1.0 / (1.0 + self.decay * step)
+
+
+def plain(config: Any) -> Any:
+    """A DictConfig as plain containers (checkpoints then load with ``weights_only``)."""
+    return (
+        OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    )
+
+
+class EpisodicModule(pl.LightningModule):
+    """What every episodic learner shares; subclasses define the learner itself.
+
+    A subclass implements :meth:`episode_forward` (per-episode query loss and accuracy,
+    optionally the accuracy after each inner step) and :meth:`training_step`, and calls
+    :meth:`check_finite` and :meth:`log_train` there. This base class provides the
+    backbone, image scaling, the BatchNorm grouping, the outer optimizer with the paper's
+    inverse-time decay, and the evaluation protocol: fixed episodes, mean accuracy ± 95%
+    CI over all episodes of all ranks, the accuracy after each inner step, the best
+    validation accuracy. Checkpoints record the subclass, so evaluate.py and
+    :func:`metalearn.load_representation` rebuild the right model.
+
+    Args:
+        backbone: Hydra config (``_target_``) of the representation network.
+        batch_stats: grouping of BatchNorm statistics, see :data:`BatchStats`.
+        optimizer: Hydra config of the optimizer, ``_partial_: true`` (params bound here).
+        lr_decay: inverse-time decay of the learning rate per step (0: constant).
+        nonfinite: when the training loss is inf or NaN: ``"raise"`` stops training with
+            a message naming the step; ``"skip"`` skips that meta-batch's update.
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        batch_stats: BatchStats = "episode",
+        optimizer: Mapping[str, Any] | None = None,
+        lr_decay: float = 1e-5,
+        nonfinite: str = "raise",
+    ) -> None:
+        super().__init__()
+        if nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"model.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if batch_stats not in ("episode", "split", "meta_batch"):
+            raise ConfigError(
+                f"model.batch_stats must be one of episode, split, meta_batch, got {batch_stats!r}"
+            )
+        self.backbone: nn.Module = hydra.utils.instantiate(plain(backbone))
+        self.batch_stats, self.nonfinite = batch_stats, nonfinite
+        self.optimizer_config = plain(optimizer) or {
+            "_target_": "torch.optim.Adam",
+            "_partial_": True,
+            "lr": 1e-3,
+        }
+        self.lr_decay = lr_decay
+        self.val_acc_best = 0.0
+        self.skipped_batches = 0
+        self._episode_rows: list[Tensor] = []
+        self._episode_ids: list[Tensor] = []
+        #: The last validation / test result: accuracy, ci95, episodes, loss, and the mean
+        #: query accuracy and its CI after t = 0..T inner steps (accuracy_per_step,
+        #: ci95_per_step). Set in the process that evaluated (see the pipeline for spawn).
+        self.last_eval: dict[str, Any] = {}
+
+    # -- to implement -------------------------------------------------------------------
+    def episode_forward(
+        self, batch: EpisodeBatch, steps: int, per_step: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Query loss and accuracy of every episode of the meta-batch.
+
+        Returns:
+            ``(loss (B,), accuracy (B,), accuracy_per_step)``: the last is (B, steps + 1),
+            the query accuracy after t = 0..steps inner steps, when ``per_step`` is set,
+            else None.
+        """
+        raise NotImplementedError
+
+    @property
+    def eval_steps(self) -> int:
+        """Inner steps at validation / test (0 for learners without an inner loop)."""
+        return 0
+
+    def diverged_message(self) -> str:
+        """What to tell the user when the loss is not finite."""
+        return "lower the learning rates, or set model.nonfinite=skip"
+
+    # -- shared pieces ------------------------------------------------------------------
+    def embed(self, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """Backbone features of support (B, NK, ...) and query (B, NQ, ...) images.
+
+        uint8 images are scaled to [0, 1] here, on the model's device and in the
+        parameters' dtype, one meta-batch at a time. Returns (B, NK, d) and (B, NQ, d).
+        """
+        support, query = self._to_float(support), self._to_float(query)
+        stats = self.batch_stats
+        if stats == "split":
+            return self.backbone(support), self.backbone(query)
+        images = torch.cat([support, query], dim=1)
+        if stats == "meta_batch":
+            features = self.backbone(images.flatten(0, 1)).unflatten(0, images.shape[:2])
+        else:
+            features = self.backbone(images)
+        return features.split([support.shape[1], query.shape[1]], dim=1)
+
+    def _to_float(self, images: Tensor) -> Tensor:
+        """uint8 (0..255) -> the parameters' floating dtype in [0, 1]."""
+        if images.dtype != torch.uint8:
+            return images
+        return images.to(self._param_dtype).div_(255)
+
+    @property
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def check_finite(self, loss: Tensor, size: int) -> bool:
+        """False (and a skipped update) or :class:`TrainingDiverged` for an inf/NaN loss."""
+        if torch.isfinite(loss):
+            return True
+        message = f"the training loss is {loss.item()} at step {self.global_step}: " + (
+            self.diverged_message()
+        )
+        if self.nonfinite == "raise":
+            raise TrainingDiverged(message)
+        rank_zero_warn(message + "; skipping this meta-batch")
+        self.skipped_batches += 1
+        self.log("train/skipped", float(self.skipped_batches), batch_size=size)
+        return False
+
+    def log_train(self, loss: Tensor, accuracy: Tensor) -> None:
+        """Log ``train/loss``, ``train/acc`` (progress bar) and the optimizer's rate."""
+        size = len(accuracy)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/acc", accuracy.mean(), prog_bar=True, batch_size=size)
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if optimizer is not None:
+            self.log("train/outer_lr", float(optimizer.param_groups[0]["lr"]), batch_size=size)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = hydra.utils.instantiate(self.optimizer_config)(params=params)
+        if not self.lr_decay:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, InverseTimeDecay(self.lr_decay))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # -- evaluation: no outer graph ----------------------------------------------------
+    def _eval_step(self, batch: EpisodeBatch) -> None:
+        with torch.no_grad():
+            loss, _, curve = self.episode_forward(batch, self.eval_steps, per_step=True)
+        assert curve is not None
+        # Row layout: accuracy after t = 0..T steps, then the query loss.
+        self._episode_rows.append(torch.cat([curve, loss[:, None]], dim=1))
+        self._episode_ids.append(batch.episode_ids.to(loss.device))
+
+    def _gather_episodes(self) -> tuple[Tensor, Tensor]:
+        """Per-episode rows of all ranks, each episode once, ordered by episode id.
+
+        Ranks may hold different numbers of episodes (evaluation episodes are split
+        without padding), so rows are padded to a common length for ``all_gather`` and
+        the padding (id -1) dropped afterwards.
+        """
+        rows, ids = torch.cat(self._episode_rows), torch.cat(self._episode_ids)
+        self._episode_rows.clear()
+        self._episode_ids.clear()
+        if self.trainer.world_size > 1:
+            count = torch.tensor([len(ids)], device=ids.device)
+            longest = int(self.trainer.strategy.reduce(count, reduce_op="max").item())
+            pad = longest - len(ids)
+            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+            ids = torch.cat([ids, ids.new_full((pad,), -1)])
+            rows = self.all_gather(rows).flatten(0, -2)  # type: ignore[union-attr]
+            ids = self.all_gather(ids).flatten()  # type: ignore[union-attr]
+        keep = ids >= 0
+        rows, ids = rows[keep], ids[keep]
+        order = torch.argsort(ids)
+        return rows[order], ids[order]
+
+    def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
+        rows, _ = self._gather_episodes()
+        curve, loss = rows[:, :-1], rows[:, -1]
+        stats = [mean_ci95(curve[:, t]) for t in range(curve.shape[1])]
+        mean, ci95 = stats[-1]
+        result: dict[str, Any] = {
+            "accuracy": mean,
+            "ci95": ci95,
+            "episodes": int(curve.shape[0]),
+            "loss": float(loss.double().mean()),
+            "accuracy_per_step": [m for m, _ in stats],
+            "ci95_per_step": [c for _, c in stats],
+        }
+        self.log(f"{stage}/acc", mean, prog_bar=stage == "val", sync_dist=False)
+        self.log(f"{stage}/ci95", ci95, sync_dist=False)
+        self.log(f"{stage}/loss", result["loss"], sync_dist=False)
+        if stage == "test":
+            # Also in callback_metrics, which reach the main process under ddp_spawn.
+            self.log("test/episodes", float(result["episodes"]), logger=False, sync_dist=False)
+            for t, (m, c) in enumerate(stats):
+                self.log(f"test/acc_t{t}", m, logger=False, sync_dist=False)
+                self.log(f"test/ci95_t{t}", c, logger=False, sync_dist=False)
+        self.last_eval = result
+        return result
+
+    def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._episode_rows.clear()
+            self._episode_ids.clear()
+            return
+        result = self._eval_epoch_end("val")
+        self.val_acc_best = max(self.val_acc_best, result["accuracy"])
+        self.log("val/acc_best", self.val_acc_best, sync_dist=False)
+
+    def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["val_acc_best"] = self.val_acc_best
+        checkpoint["model_target"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.val_acc_best = float(checkpoint.get("val_acc_best", 0.0))
