@@ -99,7 +99,8 @@ def check_resumable(checkpoint: Mapping[str, Any], model_config: Mapping[str, An
     ``model_config``; return the other differences (worth a warning)."""
     trained = checkpoint["hyper_parameters"]
     target = checkpoint.get("model_target", "metalearn.lightning.HyperRepresentation")
-    if model_config.get("_target_", target) != target:
+    configured = model_config.get("_target_", target)
+    if hydra.utils.get_class(configured) is not hydra.utils.get_class(target):
         raise ConfigError(
             f"the checkpoint holds a {target}, the config a {model_config['_target_']}: "
             f"choose the model (or algorithm) the checkpoint was trained with"

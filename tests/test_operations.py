@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, compose_config
+from recorder import read_records as read_episode_records
 from wandb_records import logged_keys, read_records
 
 from metalearn.checkpoint import read_checkpoint
@@ -106,6 +107,37 @@ def test_two_ranks_match_one_process(precision, tolerance, tmp_path, data_dir, r
     assert report["episodes"] == 5
 
 
+def test_two_ranks_draw_the_one_rank_stream(tmp_path, data_dir, real_cache_dir):
+    """Every rank draws distinct episodes; together exactly the episodes of one rank."""
+    record = ["+callbacks.recorder._target_=recorder.RecordEpisodes", "test=false"]
+    steps = ["trainer.max_steps=5", "trainer.val_check_interval=5"]
+    run_tiny(
+        tmp_path / "one",
+        data_dir,
+        real_cache_dir,
+        *steps,
+        *record,
+        f"+callbacks.recorder.folder={tmp_path / 'ids1'}",
+    )
+    run_tiny(
+        tmp_path / "two",
+        data_dir,
+        real_cache_dir,
+        "trainer=ddp_cpu",
+        *steps,
+        *record,
+        f"+callbacks.recorder.folder={tmp_path / 'ids2'}",
+    )
+    one = read_episode_records(tmp_path / "ids1")
+    two = read_episode_records(tmp_path / "ids2")
+    assert sorted(two) == [0, 1]
+    drawn = [i for rank in two.values() for row in rank for i in row["ids"]]
+    assert len(drawn) == len(set(drawn)) == 5 * 4  # no episode drawn twice across ranks
+    for step in range(5):
+        union = sorted(two[0][step]["ids"] + two[1][step]["ids"])
+        assert union == one[0][step]["ids"] == list(range(4 * step, 4 * step + 4))
+
+
 def test_multirun_sweep_with_ddp_is_correct(single_process_run, tmp_path, data_dir, real_cache_dir):
     """Plain ddp in a sweep re-launches the sweep; the pipeline switches it to ddp_spawn."""
     single, _ = single_process_run
@@ -146,10 +178,15 @@ def test_resume_after_sigkill_is_exact(tmp_path, data_dir, real_cache_dir):
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
+    record = [
+        "+callbacks.recorder._target_=recorder.RecordEpisodes",
+        f"+callbacks.recorder.folder={tmp_path / 'ids'}",
+    ]
     killed = cli(
         "train.py",
         [
             *args,
+            *record,
             f"hydra.run.dir={run_dir}",
             "+callbacks.killer._target_=killer.KillAtStep",
             "+callbacks.killer.step=13",
@@ -161,11 +198,16 @@ def test_resume_after_sigkill_is_exact(tmp_path, data_dir, real_cache_dir):
     assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 10
     resumed = cli(
         "train.py",
-        [*args, f"hydra.run.dir={run_dir}", "ckpt_path=last"],
+        [*args, *record, f"hydra.run.dir={run_dir}", "ckpt_path=last"],
         data_dir,
         real_cache_dir,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The episode stream resumes at step 10: steps 10..12 are redone (they were lost with
+    # the kill), no episode is skipped, and from step 10 on the stream is the straight one.
+    rows = read_episode_records(tmp_path / "ids")[0]
+    assert [r["step"] for r in rows] == [*range(13), *range(10, 20)]
+    assert all(r["ids"] == list(range(4 * r["step"], 4 * r["step"] + 4)) for r in rows)
 
     a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     b = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
@@ -323,7 +365,6 @@ def test_diverging_meta_batches_can_be_skipped(tmp_path, data_dir, real_cache_di
         real_cache_dir,
     )
     import hydra.utils
-
     import pytorch_lightning as pl
 
     pl.seed_everything(cfg.seed)  # train() seeds the same way before building the model

@@ -53,6 +53,10 @@ class EpisodicDataModule(pl.LightningDataModule):
         train_ways: classes per training episode when not ``ways`` (``None``: ``ways``);
             training with more ways than testing is a common way to get harder episodes.
         train_shots: support images per class in training (``None``: ``shots``).
+        device_sampling: keep each split's uint8 images on the training device and gather
+            meta-batches there (no image copy from the host per step, no workers):
+            ``"auto"`` (on when training on a GPU), ``True`` or ``False``. Episode content
+            is identical either way: the random picks are drawn on the host.
     """
 
     def __init__(
@@ -70,8 +74,13 @@ class EpisodicDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         train_ways: int | None = None,
         train_shots: int | None = None,
+        device_sampling: bool | str = "auto",
     ) -> None:
         super().__init__()
+        if device_sampling not in (True, False, "auto"):
+            raise ConfigError(
+                f"data.device_sampling must be true, false or auto, got {device_sampling!r}"
+            )
         check_episode_geometry(ways, shots, query_shots)
         check_episode_geometry(train_ways or ways, train_shots or shots, query_shots)
         for name, value in (
@@ -88,6 +97,7 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.seed, self.eval_seed, self.disjoint = seed, eval_seed, disjoint
         self.num_workers = num_workers
         self.train_ways, self.train_shots = train_ways or ways, train_shots or shots
+        self.device_sampling = device_sampling
         self.samplers: dict[str, EpisodeSampler] = {}
 
     # -- to implement -------------------------------------------------------------------
@@ -104,13 +114,26 @@ class EpisodicDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing to restore: the episode stream is a function of the global step."""
 
+    def sampling_device(self) -> torch.device:
+        """Where meta-batches are gathered: the training device with device sampling."""
+        trainer = self.trainer
+        if self.device_sampling is False or trainer is None:
+            return torch.device("cpu")
+        device = trainer.strategy.root_device
+        if self.device_sampling == "auto" and device.type != "cuda":
+            return torch.device("cpu")
+        return device
+
     def setup(self, stage: str | None = None) -> None:
+        device = self.sampling_device()
         if self.samplers:
+            for sampler in self.samplers.values():
+                sampler.images = sampler.images.to(device)
             return
         for split, images in self.load_splits().items():
             training = split == "train"
             self.samplers[split] = EpisodeSampler(
-                images,
+                images.to(device),
                 self.train_ways if training else self.ways,
                 self.train_shots if training else self.shots,
                 self.query_shots,
@@ -120,12 +143,14 @@ class EpisodicDataModule(pl.LightningDataModule):
             )
 
     def _loader(self, dataset: torch.utils.data.Dataset) -> DataLoader:
+        on_host = self.sampling_device().type == "cpu"
+        workers = self.num_workers if on_host else 0  # device tensors stay in this process
         return DataLoader(
             dataset,
             batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            pin_memory=on_host and torch.cuda.is_available(),
+            persistent_workers=workers > 0,
         )
 
     def _rank(self) -> tuple[int, int]:
@@ -203,7 +228,8 @@ class OmniglotDataModule(EpisodicDataModule):
         self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
         self.split, self.split_dir = split, split_dir
         self.image_size, self.rotations, self.download = image_size, rotations, download
-        self.expected_characters = expected_characters
+        # A plain dict, not Hydra's DictConfig: hyperparameters go into checkpoints.
+        self.expected_characters = dict(expected_characters) if expected_characters else None
         self.characters: OmniglotCharacters | None = None
 
     def prepare_data(self) -> None:

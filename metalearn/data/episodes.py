@@ -143,20 +143,23 @@ class EpisodeSampler:
     def sample(self, indices: Sequence[int]) -> EpisodeBatch:
         """Gather the episodes ``indices`` into one :class:`EpisodeBatch`."""
         picks = [self.episode_indices(int(i)) for i in indices]
-        classes = torch.from_numpy(np.stack([p[0] for p in picks]))[:, :, None]
-        support_pos = torch.from_numpy(np.stack([p[1] for p in picks]))
-        query_pos = torch.from_numpy(np.stack([p[2] for p in picks]))
+        device = self.images.device  # images may live on the training device
+
+        def stacked(part: int) -> Tensor:
+            return torch.from_numpy(np.stack([p[part] for p in picks])).to(device)
+
+        classes, support_pos, query_pos = stacked(0)[:, :, None], stacked(1), stacked(2)
         batch = len(picks)
         shape = self.images.shape[2:]
         support = self.images[classes, support_pos].reshape(batch, -1, *shape)
         query = self.images[classes, query_pos].reshape(batch, -1, *shape)
-        labels = torch.arange(self.ways)
+        labels = torch.arange(self.ways, device=device)
         return EpisodeBatch(
             support=support,
             support_labels=labels.repeat_interleave(self.shots).expand(batch, -1).contiguous(),
             query=query,
             query_labels=labels.repeat_interleave(self.query_shots).expand(batch, -1).contiguous(),
-            episode_ids=torch.as_tensor(list(indices), dtype=torch.int64),
+            episode_ids=torch.as_tensor(list(indices), dtype=torch.int64, device=device),
             ways=self.ways,
         )
 
