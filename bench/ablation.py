@@ -39,6 +39,16 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "train_20way": ["data.train_ways=20"],
         "l2_1e-3": ["model.l2=1e-3"],
         "paper_sampler": ["data.disjoint=false"],
+        "fixed_lr_0.03": ["model.learn_inner_lr=false", "model.inner_lr=0.03"],
+        "fixed_lr_0.3": ["model.learn_inner_lr=false", "model.inner_lr=0.3"],
+        "fixed_lr_bn_split": ["model.learn_inner_lr=false", "model.batch_stats=split"],
+        "fixed_lr_center": ["model.learn_inner_lr=false", "model.center_features=true"],
+        "fixed_lr_bn_split_center": [
+            "model.learn_inner_lr=false",
+            "model.batch_stats=split",
+            "model.center_features=true",
+        ],
+        "center": ["model.center_features=true"],
     },
 }
 

@@ -44,6 +44,10 @@ class HyperRepresentation(EpisodicModule):
         nonfinite: what to do when the outer loss is inf or NaN (a diverging inner loop):
             ``"raise"`` stops training with a message naming the step and the inner lr;
             ``"skip"`` skips that meta-batch's update (never trains on NaN).
+        center_features: subtract the mean of each episode's support features from its
+            support and query features before the inner solve (part of the representation;
+            uses the support set only). ReLU features are all positive, and their common
+            mean direction otherwise dominates the curvature of the inner problem.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class HyperRepresentation(EpisodicModule):
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
         nonfinite: str = "raise",
+        center_features: bool = False,
     ) -> None:
         super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite)
         self.save_hyperparameters(
@@ -78,6 +83,7 @@ class HyperRepresentation(EpisodicModule):
                 "optimizer": self.optimizer_config,
                 "lr_decay": lr_decay,
                 "nonfinite": nonfinite,
+                "center_features": center_features,
             }
         )
         if inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 1):
@@ -93,7 +99,7 @@ class HyperRepresentation(EpisodicModule):
             )
         self.inner_steps, self.eval_inner_steps = inner_steps, eval_inner_steps
         self.inner_lr_param, self.l2, self.truncate = inner_lr_param, l2, truncate
-        self.first_order = first_order
+        self.first_order, self.center_features = first_order, center_features
         raw = math.log(inner_lr) if inner_lr_param == "exp" else math.log(math.expm1(inner_lr))
         self.inner_lr_raw = nn.Parameter(torch.tensor(raw), requires_grad=learn_inner_lr)
 
@@ -119,6 +125,9 @@ class HyperRepresentation(EpisodicModule):
             ``per_step`` is set, else None.
         """
         support_features, query_features = self.embed(batch.support, batch.query)
+        if self.center_features:
+            center = support_features.mean(dim=1, keepdim=True)
+            support_features, query_features = support_features - center, query_features - center
         curve: list[Tensor] = []
 
         def track(step: int, weight: Tensor, bias: Tensor) -> None:

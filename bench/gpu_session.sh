@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The one prepared script run on a lent GPU machine (see README, "Reproducing the paper").
+# Usage there: bash bench/gpu_session.sh "<extra train.py overrides>" MINUTES
+# Needs: .whl/ (hydra-core, omegaconf, antlr4 wheels) and .devdata/omniglot (the data),
+# carried with the working tree; writes everything to $OUT/results.tar.gz + summary.txt.
+set -u
+EXTRA=${1:-}
+MINUTES=${2:-4}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export METALEARN_DATA_DIR=$PWD/.devdata METALEARN_CACHE_DIR=/tmp/cache
+R=/tmp/results; mkdir -p $R
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)"; } > $R/device.txt 2>&1
+# Decode Omniglot once before the parallel runs.
+python3 -c "from metalearn.data.omniglot import load_omniglot; load_omniglot('$METALEARN_DATA_DIR', '$METALEARN_CACHE_DIR', progress=False)"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > $R/pytest_gpu.txt 2>&1
+timeout 90 python3 bench/step_speed.py --device cuda --repeats 20 > $R/step_speed_cuda.jsonl 2>&1
+timeout 60 python3 bench/sampling_speed.py --device cuda > $R/sampling_speed_cuda.jsonl 2>&1
+for exp in omniglot_5w1s omniglot_5w5s omniglot_20w1s omniglot_20w5s; do
+  OMP_NUM_THREADS=3 timeout $(( MINUTES * 60 + 120 )) python3 train.py experiment=$exp trainer=gpu \
+    "+trainer.max_time=00:00:$(printf %02d $MINUTES):00" trainer.max_steps=1000000 \
+    trainer.val_check_interval=2000 data.val_episodes=300 data.test_episodes=600 \
+    logger=csv extras.print_config=false hydra.run.dir=$R/$exp $EXTRA > $R/$exp.log 2>&1 &
+done
+wait
+rm -f $R/*/checkpoints/*.ckpt
+for exp in omniglot_5w1s omniglot_5w5s omniglot_20w1s omniglot_20w5s; do
+  echo "$exp: $(tail -c 400 $R/$exp.log | grep 'test accuracy')"
+done > $OUT/summary.txt
+cat $R/device.txt $R/pytest_gpu.txt $R/step_speed_cuda.jsonl $R/sampling_speed_cuda.jsonl >> $OUT/summary.txt
+tar czf $OUT/results.tar.gz -C /tmp results
+cat $OUT/summary.txt
