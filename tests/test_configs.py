@@ -65,8 +65,11 @@ def test_wandb_logger_runs_offline_without_credentials(tmp_path, data_dir, real_
 
 
 def test_every_experiment_has_a_fast_dev_run_test():
-    # miniImageNet experiments run on a generated fixture in tests/test_miniimagenet.py
+    # miniImageNet experiments run on a generated fixture in tests/test_miniimagenet.py;
+    # the hyperparameter-optimization experiments (cfg.runner) in tests/test_hpo.py
     assert set(EXPERIMENTS) == set(OMNIGLOT_EXPERIMENTS) | {
         "miniimagenet_5w1s",
         "miniimagenet_5w5s",
+        "hyper_cleaning_mnist",
+        "effect_of_T",
     }
