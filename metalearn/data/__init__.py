@@ -11,6 +11,7 @@ from metalearn.data.miniimagenet import (
     load_miniimagenet_image,
     prepare_miniimagenet,
 )
+from metalearn.data.mnist import MnistSet, load_mnist, mnist_root, read_idx
 from metalearn.data.omniglot import (
     OmniglotCharacters,
     load_omniglot,
@@ -38,4 +39,9 @@ __all__ = [
     "prepare_miniimagenet",
     "prepare_omniglot",
     "split_characters",
+    # MNIST (IDX files), for the hyperparameter-optimization experiments (metalearn.hpo)
+    "MnistSet",
+    "load_mnist",
+    "mnist_root",
+    "read_idx",
 ]
