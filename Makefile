@@ -3,13 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+L2L_STAMP := $(VENV)/.installed-l2l
 # The real data: ../shared/data on the development machines, else data/ (downloaded).
 export METALEARN_DATA_DIR ?= $(if $(wildcard ../shared/data/omniglot),$(abspath ../shared/data),$(CURDIR)/data)
 
-.PHONY: help install train test test-full lint format bench clean
+.PHONY: help install install-l2l train test test-full lint format bench clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install metalearn with its dev tools
+
+# learn2learn 0.2.0 must be rebuilt from its sdist on Python 3.11 (scripts/install_l2l.sh);
+# the `l2l` extra holds its ordinary dependencies.
+$(L2L_STAMP): $(STAMP) scripts/install_l2l.sh
+	$(PY) -m pip install --quiet -e '.[dev,l2l]'
+	bash scripts/install_l2l.sh $(PY)
+	touch $(L2L_STAMP)
+
+install-l2l: $(L2L_STAMP) ## also install learn2learn 0.2.0 (optional: metalearn.data.l2l)
 
 train: $(STAMP) ## Omniglot 5-way 1-shot on the CPU (< 10 min), then test: accuracy ± 95% CI
 	$(PY) train.py experiment=omniglot_5w1s_quick
