@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one prepared script run on a lent GPU machine (see README, "Reproducing the paper").
-# Usage there: bash bench/gpu_session.sh "<extra train.py overrides>" MINUTES
-# Needs: .whl/ (hydra-core, omegaconf, antlr4 wheels) and .devdata/omniglot (the data),
-# carried with the working tree; writes everything to $OUT/results.tar.gz + summary.txt.
+# Usage there: bash bench/gpu_session.sh MINUTES "name|experiment|overrides" ...
+# All runs train in parallel on the one GPU for MINUTES each (Lightning's max_time), then
+# test their best checkpoint on 600 episodes. Needs .whl/ (hydra-core, omegaconf, antlr4
+# wheels) and .devdata/omniglot carried with the working tree. Writes $OUT/summary.txt and
+# $OUT/results.tar.gz (logs, metrics, reports, best checkpoints).
 set -u
-EXTRA=${1:-}
-MINUTES=${2:-4}
+MINUTES=$1; shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -15,20 +16,26 @@ R=/tmp/results; mkdir -p $R
   python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)"; } > $R/device.txt 2>&1
 # Decode Omniglot once before the parallel runs.
 python3 -c "from metalearn.data.omniglot import load_omniglot; load_omniglot('$METALEARN_DATA_DIR', '$METALEARN_CACHE_DIR', progress=False)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > $R/pytest_gpu.txt 2>&1
-timeout 90 python3 bench/step_speed.py --device cuda --repeats 20 > $R/step_speed_cuda.jsonl 2>&1
-timeout 60 python3 bench/sampling_speed.py --device cuda > $R/sampling_speed_cuda.jsonl 2>&1
-for exp in omniglot_5w1s omniglot_5w5s omniglot_20w1s omniglot_20w5s; do
-  OMP_NUM_THREADS=3 timeout $(( MINUTES * 60 + 120 )) python3 train.py experiment=$exp trainer=gpu \
+START=$(date +%s)
+for spec in "$@"; do
+  IFS='|' read -r name exp overrides <<< "$spec"
+  OMP_NUM_THREADS=2 timeout $(( MINUTES * 60 + 150 )) python3 train.py experiment=$exp trainer=gpu \
     "+trainer.max_time=00:00:$(printf %02d $MINUTES):00" trainer.max_steps=1000000 \
     trainer.val_check_interval=2000 data.val_episodes=300 data.test_episodes=600 \
-    logger=csv extras.print_config=false hydra.run.dir=$R/$exp $EXTRA > $R/$exp.log 2>&1 &
+    logger=csv extras.print_config=false hydra.run.dir=$R/$name $overrides > $R/$name.log 2>&1 &
 done
+# The checks that need a GPU run beside the trainings (their timings are then pessimistic).
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > $R/pytest_gpu.txt 2>&1
+timeout 90 python3 bench/step_speed.py --device cuda --repeats 20 > $R/step_speed_cuda.jsonl 2>&1
+timeout 60 python3 bench/sampling_speed.py --device cuda > $R/sampling_speed_cuda.jsonl 2>&1
 wait
-rm -f $R/*/checkpoints/*.ckpt
-for exp in omniglot_5w1s omniglot_5w5s omniglot_20w1s omniglot_20w5s; do
-  echo "$exp: $(tail -c 400 $R/$exp.log | grep 'test accuracy')"
-done > $OUT/summary.txt
+echo "training + test wall time: $(( $(date +%s) - START )) s" > $OUT/summary.txt
+for spec in "$@"; do
+  IFS='|' read -r name exp overrides <<< "$spec"
+  rm -f $R/$name/checkpoints/last.ckpt
+  echo "$name ($exp $overrides): $(grep -a 'test accuracy' $R/$name.log | tail -1)"
+  echo "  steps: $(tail -1 $R/$name/csv/metrics.csv | cut -d, -f2)"
+done >> $OUT/summary.txt
 cat $R/device.txt $R/pytest_gpu.txt $R/step_speed_cuda.jsonl $R/sampling_speed_cuda.jsonl >> $OUT/summary.txt
 tar czf $OUT/results.tar.gz -C /tmp results
 cat $OUT/summary.txt
