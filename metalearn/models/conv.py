@@ -48,6 +48,9 @@ class EpisodeBatchNorm2d(nn.Module):
         self.channels, self.mode, self.eps, self.momentum = channels, mode, eps, momentum
         self.weight = nn.Parameter(torch.ones(channels)) if scale else None
         self.bias = nn.Parameter(torch.zeros(channels))
+        # Without a learned scale, a constant one is passed: some CUDA builds of
+        # batch_norm's backward fail on an undefined weight ("tensor does not have a device").
+        self.register_buffer("unit_scale", torch.ones(channels), persistent=False)
         if mode == "running":
             self.register_buffer("running_mean", torch.zeros(channels))
             self.register_buffer("running_var", torch.ones(channels))
@@ -57,24 +60,24 @@ class EpisodeBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor, groups: int = 1) -> Tensor:
         """Normalize (M * G, C, H, W); with ``mode="batch"`` statistics are per group."""
+        scale = self.weight if self.weight is not None else self.unit_scale
         if self.mode == "running" or groups == 1:
             return F.batch_norm(
                 x,
                 self.running_mean,
                 self.running_var,
-                self.weight,
+                scale,
                 self.bias,
                 training=self.training or self.mode == "batch",
                 momentum=self.momentum,
                 eps=self.eps,
             )
         rows, channels, height, width = x.shape
-        weight = None if self.weight is None else self.weight.repeat(groups)
         out = F.batch_norm(
             x.view(rows // groups, groups * channels, height, width),
             None,
             None,
-            weight,
+            scale.repeat(groups),
             self.bias.repeat(groups),
             training=True,
             eps=self.eps,
@@ -97,7 +100,7 @@ class ConvBlock(nn.Module):
         self.pool = pool
 
     def forward(self, x: Tensor, groups: int = 1) -> Tensor:
-        x = F.relu(self.norm(self.conv(x), groups), inplace=True)
+        x = F.relu(self.norm(self.conv(x), groups))
         return F.max_pool2d(x, 2) if self.pool else x
 
 
