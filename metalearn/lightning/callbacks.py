@@ -134,7 +134,7 @@ class ResumeCheckpoint(Checkpoint):
     def _save(self, trainer: pl.Trainer) -> None:
         if getattr(trainer, "fast_dev_run", False) or trainer.sanity_checking:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(
