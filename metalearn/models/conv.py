@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EpisodeBatchNorm2d", "ConvBackbone", "NormMode"]
+__all__ = [
+    "EpisodeBatchNorm2d",
+    "ConvBackbone",
+    "NormMode",
+    "to_example_major",
+    "from_example_major",
+]
 
 #: ``"batch"``: always normalize with the statistics of the current batch (train and eval),
 #: per episode when the input has an episode dimension (see :class:`ConvBackbone`). This is
@@ -16,6 +22,32 @@ __all__ = ["EpisodeBatchNorm2d", "ConvBackbone", "NormMode"]
 #: BatchNorm, batch statistics in training and running averages in ``eval()`` mode, so an
 #: image's features do not depend on the other images of the batch.
 NormMode = Literal["batch", "running"]
+
+
+def to_example_major(images: Tensor) -> tuple[Tensor, int]:
+    """Flatten an episode batch for the convolutions, in the order EpisodeBatchNorm2d needs.
+
+    (N, C, H, W) is returned as it is, one group. (G, M, C, H, W) becomes (M * G, C, H, W)
+    in example-major order (row m * G + g), which makes per-episode BatchNorm a free view.
+
+    Returns:
+        ``(images, groups)``.
+    """
+    if images.dim() == 4:
+        return images, 1
+    if images.dim() == 5:
+        groups, per_group = images.shape[:2]
+        return images.transpose(0, 1).reshape(groups * per_group, *images.shape[2:]), groups
+    raise ValueError(
+        f"expected images of shape (N, C, H, W) or (G, M, C, H, W), got {tuple(images.shape)}"
+    )
+
+
+def from_example_major(features: Tensor, groups: int, episodic: bool) -> Tensor:
+    """Undo :func:`to_example_major` on (rows, d) features: (G, M, d) when ``episodic``."""
+    if not episodic:
+        return features
+    return features.view(-1, groups, features.shape[-1]).transpose(0, 1)
 
 
 class EpisodeBatchNorm2d(nn.Module):
@@ -163,16 +195,7 @@ class ConvBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Map (N, C, H, W) to (N, d), or (G, M, C, H, W) to (G, M, d) (per-episode BN)."""
-        if images.dim() == 4:
-            groups, x = 1, images
-        elif images.dim() == 5:
-            groups, per_group = images.shape[:2]
-            # Example-major order (row m * G + g) makes per-episode BatchNorm a free view.
-            x = images.transpose(0, 1).reshape(groups * per_group, *images.shape[2:])
-        else:
-            raise ValueError(
-                f"expected images of shape (N, C, H, W) or (G, M, C, H, W), got {tuple(images.shape)}"
-            )
+        x, groups = to_example_major(images)
         if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(
                 f"expected images of {self.in_channels} x {self.image_size} x {self.image_size}, "
@@ -180,7 +203,4 @@ class ConvBackbone(nn.Module):
             )
         for block in self.blocks:
             x = block(x, groups)
-        features = x.flatten(1)
-        if images.dim() == 4:
-            return features
-        return features.view(-1, groups, self.feature_dim).transpose(0, 1)
+        return from_example_major(x.flatten(1), groups, images.dim() == 5)

@@ -8,7 +8,12 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.models.conv import EpisodeBatchNorm2d, NormMode
+from metalearn.models.conv import (
+    EpisodeBatchNorm2d,
+    NormMode,
+    from_example_major,
+    to_example_major,
+)
 
 __all__ = ["ResidualBlock", "ResNet12", "ResidualBackbone", "SnailResNet"]
 
@@ -146,16 +151,7 @@ class ResidualBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Map (N, C, H, W) to (N, d), or (G, M, C, H, W) to (G, M, d) (per-episode BN)."""
-        if images.dim() == 4:
-            groups, x = 1, images
-        elif images.dim() == 5:
-            groups, per_group = images.shape[:2]
-            # Example-major order (row m * G + g) makes per-episode BatchNorm a free view.
-            x = images.transpose(0, 1).reshape(groups * per_group, *images.shape[2:])
-        else:
-            raise ValueError(
-                f"expected images of shape (N, C, H, W) or (G, M, C, H, W), got {tuple(images.shape)}"
-            )
+        x, groups = to_example_major(images)
         self._check(tuple(x.shape[1:]))
         for block in self.blocks:
             x = block(x, groups)
@@ -164,10 +160,7 @@ class ResidualBackbone(nn.Module):
             x = self.project(F.adaptive_avg_pool2d(x, 1))
         else:
             x = F.adaptive_avg_pool2d(x, 1)
-        features = x.flatten(1)
-        if images.dim() == 4:
-            return features
-        return features.view(-1, groups, self.feature_dim).transpose(0, 1)
+        return from_example_major(x.flatten(1), groups, images.dim() == 5)
 
 
 class SnailResNet(ResidualBackbone):
