@@ -11,6 +11,7 @@ from fixtures_omniglot import real_data_dir, shared_cache_dir
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from loopback import LoopbackServer
 from omegaconf import DictConfig, open_dict
 
 from metalearn.data.omniglot import OmniglotCharacters, load_omniglot
@@ -53,6 +54,16 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackServer]:
+    """A loopback HTTP server for download tests."""
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "*")  # never send loopback requests through a proxy
+    loopback = LoopbackServer().start()
+    yield loopback
+    loopback.stop()
 
 
 @pytest.fixture(scope="session")

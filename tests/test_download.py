@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from fixtures_miniimagenet import expected_split, pickle_bytes
+from loopback import LoopbackServer
 
 from metalearn.data.download import download_file
 from metalearn.data.miniimagenet import (
@@ -25,59 +23,6 @@ from metalearn.errors import DataError
 
 SMALL = {"train": 3, "val": 2, "test": 2}
 PER_CLASS = 4
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[bytes, int | None]] = {}
-    requests: list[str] = []
-
-    def do_GET(self) -> None:  # the name http.server calls
-        self.requests.append(self.path)
-        if self.path not in self.routes:
-            self.send_error(404)
-            return
-        body, declared = self.routes[self.path]
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body) if declared is None else declared))
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-        self.close_connection = True
-
-    def log_message(self, format: str, *args: Any) -> None:  # the base signature
-        pass
-
-
-class LoopbackServer:
-    """Serves byte strings at paths on 127.0.0.1; ``declared`` lets a route lie about its length."""
-
-    def __init__(self) -> None:
-        handler = type("Handler", (_Handler,), {"routes": {}, "requests": []})
-        self.handler: type[_Handler] = handler
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    def serve(self, path: str, body: bytes, declared: int | None = None) -> str:
-        self.handler.routes[path] = (body, declared)
-        return f"http://127.0.0.1:{self.server.server_port}{path}"
-
-    @property
-    def requests(self) -> list[str]:
-        return self.handler.requests
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackServer]:
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(name, "*")  # never send loopback requests through a proxy
-    loopback = LoopbackServer()
-    loopback.thread.start()
-    yield loopback
-    loopback.server.shutdown()
-    loopback.server.server_close()
 
 
 def sha256_of(data: bytes) -> str:

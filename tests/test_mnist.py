@@ -5,14 +5,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fixtures_omniglot import real_data_dir
-from test_download import LoopbackServer
+from loopback import LoopbackServer
 
 from metalearn.data.mnist import (
     MNIST_FILES,
@@ -168,17 +167,6 @@ def test_load_errors(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def mnist_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackServer]:
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(name, "*")
-    loopback = LoopbackServer()
-    loopback.thread.start()
-    yield loopback
-    loopback.server.shutdown()
-    loopback.server.server_close()
-
-
 def _serve_test_split(server: LoopbackServer, count: int = 12) -> tuple[str, dict[str, str]]:
     images, labels = mnist_like(count, 3)
     md5 = {}
@@ -189,19 +177,19 @@ def _serve_test_split(server: LoopbackServer, count: int = 12) -> tuple[str, dic
     return url.rsplit("/", 1)[0] + "/", md5
 
 
-def test_download_good(tmp_path: Path, mnist_server: LoopbackServer) -> None:
-    base, md5 = _serve_test_split(mnist_server)
+def test_download_good(tmp_path: Path, server: LoopbackServer) -> None:
+    base, md5 = _serve_test_split(server)
     test = load_mnist(tmp_path, "test", base_url=base, md5=md5, progress=False)
     assert test.images.shape == (12, 28, 28)
     root = mnist_root(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == sorted(MNIST_FILES["test"])
     # present files are not downloaded again
     load_mnist(tmp_path, "test", base_url=base, md5=md5, progress=False)
-    assert len(mnist_server.requests) == 2
+    assert len(server.requests) == 2
 
 
-def test_download_wrong_md5_saves_nothing(tmp_path: Path, mnist_server: LoopbackServer) -> None:
-    base, md5 = _serve_test_split(mnist_server)
+def test_download_wrong_md5_saves_nothing(tmp_path: Path, server: LoopbackServer) -> None:
+    base, md5 = _serve_test_split(server)
     md5[MNIST_FILES["test"][0]] = "0" * 32
     with pytest.raises(DataError) as err:
         load_mnist(tmp_path, "test", base_url=base, md5=md5, progress=False)
@@ -209,34 +197,32 @@ def test_download_wrong_md5_saves_nothing(tmp_path: Path, mnist_server: Loopback
     assert list(mnist_root(tmp_path).iterdir()) == []
 
 
-def test_download_interrupted_saves_nothing(tmp_path: Path, mnist_server: LoopbackServer) -> None:
+def test_download_interrupted_saves_nothing(tmp_path: Path, server: LoopbackServer) -> None:
     images, _ = mnist_like(5, 0)
     body = gzip.compress(idx_bytes(images), mtime=0)
     name = MNIST_FILES["test"][0]
-    url = mnist_server.serve(f"/m/{name}", body[:100], declared=len(body))
+    url = server.serve(f"/m/{name}", body[:100], declared=len(body))
     with pytest.raises(DataError) as err:
         load_mnist(tmp_path, "test", base_url=url.rsplit("/", 1)[0], md5={}, progress=False)
     assert "interrupted" in one_line(err) or "could not download" in str(err.value)
     assert list(mnist_root(tmp_path).iterdir()) == []
 
 
-def test_download_rejects_a_file_that_is_not_mnist(
-    tmp_path: Path, mnist_server: LoopbackServer
-) -> None:
+def test_download_rejects_a_file_that_is_not_mnist(tmp_path: Path, server: LoopbackServer) -> None:
     # right length and no md5 to check, but the content is labels where images belong
     name = MNIST_FILES["test"][0]
-    url = mnist_server.serve(f"/m/{name}", gzip.compress(idx_bytes(np.zeros(5, np.uint8))))
+    url = server.serve(f"/m/{name}", gzip.compress(idx_bytes(np.zeros(5, np.uint8))))
     with pytest.raises(DataError, match="not a valid MNIST"):
         load_mnist(tmp_path, "test", base_url=url.rsplit("/", 1)[0], md5={}, progress=False)
     assert list(mnist_root(tmp_path).iterdir()) == []
 
 
 def test_official_train_files_are_downloaded_when_absent(
-    tmp_path: Path, mnist_server: LoopbackServer
+    tmp_path: Path, server: LoopbackServer
 ) -> None:
     images, labels = mnist_like(8, 2)
     for name, array in zip(MNIST_FILES["train"], (images, labels), strict=True):
-        url = mnist_server.serve(f"/mnist/{name}", gzip.compress(idx_bytes(array)))
+        url = server.serve(f"/mnist/{name}", gzip.compress(idx_bytes(array)))
     train = load_mnist(tmp_path, "train", base_url=url.rsplit("/", 1)[0], md5={}, progress=False)
     assert len(train.labels) == 8
     assert (mnist_root(tmp_path) / MNIST_FILES["train"][0]).is_file()

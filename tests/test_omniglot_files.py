@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import logging
 import os
-import threading
 import urllib.request
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from fixtures_omniglot import (
     make_omniglot_fixture,
     real_data_dir,
 )
+from loopback import LoopbackServer
 from PIL import Image
 
 from metalearn.data import omniglot
@@ -310,59 +308,6 @@ def test_undecodable_png_in_zip(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 # Download from a loopback HTTP server
 # --------------------------------------------------------------------------------------
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[bytes, int | None]] = {}
-    requests: list[str] = []
-
-    def do_GET(self) -> None:  # the name http.server calls
-        self.requests.append(self.path)
-        if self.path not in self.routes:
-            self.send_error(404)
-            return
-        body, declared = self.routes[self.path]
-        self.send_response(200)
-        self.send_header("Content-Type", "application/zip")
-        self.send_header("Content-Length", str(len(body) if declared is None else declared))
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-        self.close_connection = True
-
-    def log_message(self, format: str, *args: Any) -> None:  # the base signature
-        pass
-
-
-class LoopbackServer:
-    """Serves byte strings at paths; ``declared`` lets a route lie about its Content-Length."""
-
-    def __init__(self) -> None:
-        handler = type("Handler", (_Handler,), {"routes": {}, "requests": []})
-        self.handler: type[_Handler] = handler
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    def serve(self, path: str, body: bytes, declared: int | None = None) -> str:
-        self.handler.routes[path] = (body, declared)
-        return f"http://127.0.0.1:{self.server.server_port}{path}"
-
-    @property
-    def requests(self) -> list[str]:
-        return self.handler.requests
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackServer]:
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(name, "*")  # never send loopback requests through a proxy
-    loopback = LoopbackServer()
-    loopback.thread.start()
-    yield loopback
-    loopback.server.shutdown()
-    loopback.server.server_close()
 
 
 def fixture_zips(tmp_path: Path) -> dict[str, bytes]:
