@@ -66,6 +66,8 @@ class EpisodeBatchNorm2d(nn.Module):
         momentum: running-average momentum (``mode="running"`` only).
     """
 
+    unit_scale: Tensor
+
     def __init__(
         self,
         channels: int,
@@ -92,7 +94,7 @@ class EpisodeBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor, groups: int = 1) -> Tensor:
         """Normalize (M * G, C, H, W); with ``mode="batch"`` statistics are per group."""
-        scale = self.weight if self.weight is not None else self.unit_scale
+        scale: Tensor = self.weight if self.weight is not None else self.unit_scale
         if self.mode == "running" or groups == 1:
             return F.batch_norm(
                 x,
