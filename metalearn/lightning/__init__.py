@@ -1,5 +1,16 @@
-"""Lightning glue: LightningModules that join backbone, bilevel core and episodes."""
+"""Lightning glue: LightningModules that join backbone, bilevel core and episodes.
 
+:class:`HyperRepresentation` is the paper's method; the baselines in the same harness
+(``algorithm=protonet|maml|anil|classical``) are :class:`PrototypicalNetwork`,
+:class:`MAML`, :class:`ANIL` and :class:`ClassicalJointTraining`.
+"""
+
+from metalearn.lightning.baselines import (
+    ANIL,
+    MAML,
+    ClassicalJointTraining,
+    PrototypicalNetwork,
+)
 from metalearn.lightning.callbacks import (
     AtomicCheckpointIO,
     EpisodeRate,
@@ -15,13 +26,17 @@ from metalearn.lightning.episodic import (
 from metalearn.lightning.module import HyperRepresentation
 
 __all__ = [
+    "ANIL",
+    "MAML",
     "AtomicCheckpointIO",
     "BatchStats",
+    "ClassicalJointTraining",
     "EpisodeRate",
     "EpisodicModule",
     "HyperRepresentation",
     "InnerStepCurve",
     "InverseTimeDecay",
+    "PrototypicalNetwork",
     "ResumeCheckpoint",
     "TrainingDiverged",
 ]
