@@ -35,7 +35,9 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "T10": ["model.inner_steps=10"],
         "T1": ["model.inner_steps=1"],
         "outer_lr_3e-3": ["model.optimizer.lr=3e-3"],
+        "meta_batch_8": ["data.meta_batch=8"],
         "meta_batch_16": ["data.meta_batch=16"],
+        "no_lr_decay": ["model.lr_decay=0"],
         "train_20way": ["data.train_ways=20"],
         "l2_1e-3": ["model.l2=1e-3"],
         "paper_sampler": ["data.disjoint=false"],
@@ -77,7 +79,13 @@ def run(name: str, overrides: list[str], args: argparse.Namespace, out_root: Pat
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     seconds = time.perf_counter() - start
-    record: dict = {"name": name, "overrides": overrides, "base": args.base, "steps": args.steps}
+    record: dict = {
+        "name": name,
+        "experiment": args.experiment,
+        "overrides": overrides,
+        "base": args.base,
+        "steps": args.steps,
+    }
     record["seconds"] = round(seconds, 1)
     if result.returncode != 0:
         record["error"] = result.stderr[-2000:]
@@ -120,7 +128,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--suite", default="omniglot_5w1s", choices=sorted(SUITES))
-    parser.add_argument("--experiment", default="omniglot_5w1s")
+    parser.add_argument(
+        "--experiment",
+        default="omniglot_5w1s_paper",
+        help="base experiment; the suite's variants are changes to the paper's settings",
+    )
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--base", nargs="*", default=[], help="overrides shared by all variants")
     parser.add_argument("--steps", type=int, default=2000)
