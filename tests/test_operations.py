@@ -203,6 +203,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, data_dir, real_cache_dir):
         real_cache_dir,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "dataloader is not resumable" not in resumed.stderr  # it is, through the datamodule
     # The episode stream resumes at step 10: steps 10..12 are redone (they were lost with
     # the kill), no episode is skipped, and from step 10 on the stream is the straight one.
     rows = read_episode_records(tmp_path / "ids")[0]
