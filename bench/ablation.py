@@ -7,6 +7,8 @@ accuracy, inner lr, steps, wall seconds) and printed as a markdown table at the 
 
     python bench/ablation.py --suite omniglot_5w1s --steps 2000
     python bench/ablation.py --suite omniglot_5w1s --only base inner_lr_1 --steps 2000
+    python bench/ablation.py --suite baselines --experiment omniglot_5w5s \
+        --out bench/results/baselines.jsonl
 """
 
 from __future__ import annotations
@@ -51,6 +53,31 @@ SUITES: dict[str, dict[str, list[str]]] = {
             "model.center_features=true",
         ],
         "center": ["model.center_features=true"],
+    },
+    # Every learner of the harness on the same data, budget and test episodes.
+    "baselines": {
+        "hyper_representation": ["algorithm=hyper_representation"],
+        "protonet": ["algorithm=protonet"],
+        "maml": ["algorithm=maml"],
+        "anil": ["algorithm=anil"],
+        "classical": ["algorithm=classical"],
+        "classical_J200": ["algorithm=classical", "model.pool_episodes=200"],
+    },
+}
+
+# Per-suite defaults of the options below (an option given on the command line wins).
+SUITE_DEFAULTS: dict[str, dict[str, object]] = {
+    "omniglot_5w1s": {
+        "experiment": "omniglot_5w1s_paper",  # the variants change the paper's settings
+        "steps": 2000,
+        "val_every": 500,
+        "val_episodes": 300,
+    },
+    "baselines": {
+        "experiment": "omniglot_5w1s",  # also run with --experiment omniglot_5w5s
+        "steps": 1000,
+        "val_every": 500,
+        "val_episodes": 200,
     },
 }
 
@@ -128,21 +155,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--suite", default="omniglot_5w1s", choices=sorted(SUITES))
-    parser.add_argument(
-        "--experiment",
-        default="omniglot_5w1s_paper",
-        help="base experiment; the suite's variants are changes to the paper's settings",
-    )
+    parser.add_argument("--experiment", help="base experiment (default: the suite's)")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--base", nargs="*", default=[], help="overrides shared by all variants")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--val-every", type=int, default=500)
-    parser.add_argument("--val-episodes", type=int, default=300)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--val-every", type=int)
+    parser.add_argument("--val-episodes", type=int)
     parser.add_argument("--test-episodes", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "ablation.jsonl"))
     parser.add_argument("--runs-dir", default=str(REPO / "logs" / "ablation"))
     args = parser.parse_args()
+    for key, value in SUITE_DEFAULTS[args.suite].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
     variants = SUITES[args.suite]
     names = args.only or list(variants)
