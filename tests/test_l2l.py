@@ -5,6 +5,7 @@ Skipped when learn2learn is not installed (``make install-l2l``); CI installs it
 
 from __future__ import annotations
 
+import copy
 import random
 import subprocess
 import sys
@@ -382,3 +383,111 @@ def test_core_imports_do_not_import_learn2learn() -> None:
         "assert 'learn2learn' not in sys.modules, 'learn2learn was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- our MAML / ANIL against learn2learn's (an outside implementation) -------------------
+class _HeadOnBackbone(nn.Module):
+    """backbone(x) @ W + b: the network our MAML adapts, as one nn.Module for learn2learn."""
+
+    def __init__(self, backbone: nn.Module, weight: Tensor, bias: Tensor) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.weight, self.bias = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(images) @ self.weight + self.bias
+
+
+def _random_episodes(ways: int, shots: int, queries: int, episodes: int = 2):
+    from test_baselines import random_batch
+
+    return random_batch(episodes, ways=ways, shots=shots, queries=queries, side=SIZE, seed=3)
+
+
+def _nontrivial_head(model: torch.nn.Module, seed: int = 0) -> None:
+    """A learned head initialization away from zero, so its gradient is not a special case."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.head_weight.copy_(0.3 * torch.randn(model.head_weight.shape, generator=g))
+        model.head_bias.copy_(0.1 * torch.randn(model.head_bias.shape, generator=g))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_our_maml_meta_gradient_equals_learn2learn_maml(first_order: bool) -> None:
+    """Same initialization, same episodes, float64: learn2learn's MAML (clone / adapt, one
+    episode at a time) and ours (functional, vmapped over the meta-batch) give the same
+    query loss and the same meta-gradient of every parameter, second and first order."""
+    from metalearn.lightning import MAML
+
+    ways, steps, lr = 3, 2, 0.3
+    torch.manual_seed(0)
+    ours = MAML(
+        TINY_BACKBONE, ways=ways, inner_steps=steps, inner_lr=lr, first_order=first_order
+    ).double()
+    _nontrivial_head(ours)
+    batch = _random_episodes(ways, shots=2, queries=3)
+    loss, _, _ = ours.episode_forward(batch, steps)
+    loss.mean().backward()
+
+    net = _HeadOnBackbone(copy.deepcopy(ours.backbone), ours.head_weight, ours.head_bias)
+    net.zero_grad()
+    # The model's η = exp(ρ), ρ stored before .double(): not exactly `lr`.
+    maml = l2l.algorithms.MAML(net, lr=ours.inner_lr.item(), first_order=first_order)
+    support, query = batch.support.double() / 255, batch.query.double() / 255
+    losses = []
+    for e in range(len(support)):
+        learner = maml.clone()
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(support[e]), batch.support_labels[e]))
+        losses.append(F.cross_entropy(learner(query[e]), batch.query_labels[e]))
+    reference = torch.stack(losses)
+    reference.mean().backward()
+
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-12, atol=0)
+    pairs = [(ours.head_weight, net.weight), (ours.head_bias, net.bias)]
+    pairs += list(zip(ours.backbone.parameters(), net.backbone.parameters(), strict=True))
+    for a, b in pairs:
+        assert a.grad is not None and b.grad is not None
+        assert float(b.grad.abs().max()) > 0
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-13)
+
+
+def test_our_anil_meta_gradient_equals_learn2learn_maml_on_the_head() -> None:
+    """ANIL as learn2learn's examples write it (MAML on the head, features from the shared
+    backbone) equals our ANIL (the batched closed-form head loop) in loss and meta-gradient."""
+    from metalearn.lightning import ANIL
+
+    ways, steps, lr = 3, 3, 0.4
+    torch.manual_seed(0)
+    ours = ANIL(
+        TINY_BACKBONE, ways=ways, inner_steps=steps, inner_lr=lr, batch_stats="split"
+    ).double()
+    _nontrivial_head(ours, seed=1)
+    batch = _random_episodes(ways, shots=2, queries=3)
+    loss, _, _ = ours.episode_forward(batch, steps)
+    loss.mean().backward()
+
+    backbone = copy.deepcopy(ours.backbone)
+    head = nn.Linear(ours.head_weight.shape[0], ways).double()
+    with torch.no_grad():
+        head.weight.copy_(ours.head_weight.T)
+        head.bias.copy_(ours.head_bias)
+    maml = l2l.algorithms.MAML(head, lr=ours.inner_lr.item())  # η = exp(ρ), as stored
+    support, query = batch.support.double() / 255, batch.query.double() / 255
+    losses = []
+    for e in range(len(support)):
+        learner = maml.clone()
+        support_features, query_features = backbone(support[e]), backbone(query[e])
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(support_features), batch.support_labels[e]))
+        losses.append(F.cross_entropy(learner(query_features), batch.query_labels[e]))
+    reference = torch.stack(losses)
+    reference.mean().backward()
+
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-12, atol=0)
+    assert ours.head_weight.grad is not None and head.weight.grad is not None
+    torch.testing.assert_close(ours.head_weight.grad, head.weight.grad.T, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(ours.head_bias.grad, head.bias.grad, rtol=1e-9, atol=1e-13)
+    for a, b in zip(ours.backbone.parameters(), backbone.parameters(), strict=True):
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-13)
