@@ -25,6 +25,7 @@ from metalearn.reports import (
     write_json,
 )
 from metalearn.utils.console import print_config_tree
+from metalearn.utils.loggers import CSVLogger
 
 __all__ = ["train", "evaluate"]
 
@@ -53,7 +54,9 @@ def _quiet_known_warnings() -> None:
     # The episode stream resumes from the step in the checkpoint (the datamodule's state),
     # not from the DataLoader's, so a mid-epoch resume is exact
     # (tests/test_operations.py::test_resume_after_sigkill_is_exact).
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before")
+    warnings.filterwarnings(
+        "ignore", message=r"You're resuming from a checkpoint that ended before"
+    )
 
 
 def _finish_wandb() -> None:
@@ -94,9 +97,9 @@ def _sweep_safe(trainer_cfg: DictConfig) -> DictConfig:
     return trainer_cfg
 
 
-def _resume_checkpoint(cfg: DictConfig) -> str | None:
+def _resume_checkpoint(cfg: DictConfig) -> tuple[str, int] | None:
     """The checkpoint to resume from (``ckpt_path``, ``last`` resolved), checked against
-    the model config."""
+    the model config, and its global step."""
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path:
         return None
@@ -105,9 +108,10 @@ def _resume_checkpoint(cfg: DictConfig) -> str | None:
         ckpt_path = str(find_last_checkpoint(cfg.paths.output_dir, runs))
         log.info("resuming from %s", ckpt_path)
     model_cfg: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
-    for difference in check_resumable(read_checkpoint(ckpt_path), model_cfg):
+    checkpoint = read_checkpoint(ckpt_path)
+    for difference in check_resumable(checkpoint, model_cfg):
         log.warning("resuming with a changed setting: %s", difference)
-    return str(ckpt_path)
+    return str(ckpt_path), int(checkpoint.get("global_step", 0))
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -166,6 +170,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume = _resume_checkpoint(cfg)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
+    for logger in loggers:
+        if resume is not None and isinstance(logger, CSVLogger):
+            logger.resume_step = resume[1]  # keep the metrics logged before the checkpoint
     trainer: pl.Trainer = hydra.utils.instantiate(
         _sweep_safe(cfg.trainer), callbacks=callbacks, logger=loggers or False
     )
@@ -173,7 +180,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         if cfg.get("train", True):
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume[0] if resume else None)
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         if cfg.get("test", True):
             best = _best_checkpoint(trainer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -30,6 +31,11 @@ TINY = [
     "trainer.max_steps=4",
     "trainer.val_check_interval=4",
 ]
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def cli(script: str, args: list[str], data_dir: Path, cache_dir: Path, **env: str):
@@ -172,6 +178,7 @@ def test_multirun_sweep_with_ddp_is_correct(single_process_run, tmp_path, data_d
 
 def test_resume_after_sigkill_is_exact(tmp_path, data_dir, real_cache_dir):
     args = [*TINY, "trainer.max_steps=20", "trainer.val_check_interval=10", "test=false"]
+    args += ["logger=csv", "trainer.log_every_n_steps=1"]
     straight = cli(
         "train.py", [*args, f"hydra.run.dir={tmp_path / 'straight'}"], data_dir, real_cache_dir
     )
@@ -214,6 +221,20 @@ def test_resume_after_sigkill_is_exact(tmp_path, data_dir, real_cache_dir):
     b = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 20
     assert max_difference(a["state_dict"], b["state_dict"]) <= 1e-6
+    # The CSV log keeps the steps before the checkpoint and has each step once, with the
+    # values of the uninterrupted run.
+    straight_log, resumed_log = (
+        {r["step"]: r for r in csv_rows(d / "csv" / "metrics.csv") if r.get("train/loss")}
+        for d in (tmp_path / "straight", run_dir)
+    )
+    assert sorted(int(step) for step in resumed_log) == list(range(20))
+    assert len(csv_rows(run_dir / "csv" / "metrics.csv")) == len(
+        csv_rows(tmp_path / "straight" / "csv" / "metrics.csv")
+    )
+    for step, row in straight_log.items():
+        assert float(resumed_log[step]["train/loss"]) == pytest.approx(
+            float(row["train/loss"]), abs=1e-5
+        )
     # Optimizer moments, the learning-rate schedule and the best validation accuracy too.
     state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     for key in state_a:

@@ -2,13 +2,64 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["wandb_credentials_available", "resolve_wandb_mode", "wandb_logger"]
+from lightning_fabric.loggers.logger import rank_zero_experiment
+from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
+
+__all__ = ["CSVLogger", "wandb_credentials_available", "resolve_wandb_mode", "wandb_logger"]
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's ``CSVLogger`` that keeps the history of a resumed run.
+
+    Lightning deletes an existing ``metrics.csv`` when its writer starts, so resuming a run
+    in its own folder (``ckpt_path=last``) would lose every metric logged before the
+    interruption. When :attr:`resume_step` is set (the pipeline sets it to the
+    checkpoint's global step), the rows logged before that step are kept and the resumed
+    run appends to them; the rows after it were lost with the interruption and are logged
+    again. Without it (a fresh run) the file starts empty, as with Lightning's logger.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Keep the rows of ``metrics.csv`` with ``step`` below this (``None``: keep none).
+        self.resume_step: int | None = None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return self._experiment
+        path = os.path.join(self.log_dir, "metrics.csv")
+        kept: tuple[list[str], list[dict[str, str]]] | None = None
+        if self.resume_step is not None and os.path.isfile(path):
+            with open(path, newline="") as handle:
+                reader = csv.DictReader(handle)
+                rows = [row for row in reader if _step(row) < self.resume_step]
+                kept = (list(reader.fieldnames or []), rows)
+            # Written beside the file first: the writer below deletes metrics.csv.
+            with open(path + ".kept", "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=kept[0])
+                writer.writeheader()
+                writer.writerows(kept[1])
+        experiment = super().experiment
+        if kept is not None:
+            os.replace(path + ".kept", path)
+            experiment.metrics_keys = sorted(kept[0])
+        return experiment
+
+
+def _step(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("step") or -1)
+    except ValueError:
+        return -1
 
 
 def wandb_credentials_available() -> bool:
