@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO, compose_config
 from recorder import read_records as read_episode_records
-from wandb_records import logged_keys, read_records
+from wandb_records import logged_keys, wait_until_written
 
 from metalearn.checkpoint import read_checkpoint
 from metalearn.lightning import AtomicCheckpointIO
@@ -333,7 +333,7 @@ def test_wandb_offline_run_records_the_metrics(tmp_path, data_dir, real_cache_di
     assert len(tables) == 2  # validations at steps 2 and 4
     table = json.loads(tables[-1].read_text())
     assert table["columns"] == ["inner_step", "query_accuracy"] and len(table["data"]) == 6
-    config = [r for r in read_records(records) if r.WhichOneof("record_type") == "config"]
+    config = [r for r in wait_until_written(records) if r.WhichOneof("record_type") == "config"]
     assert any("data" in item.key for r in config for item in r.config.update)
 
 
