@@ -53,6 +53,11 @@ SUITES: dict[str, dict[str, list[str]]] = {
             "model.center_features=true",
         ],
         "center": ["model.center_features=true"],
+        "fixed_lr_center_train_20way": [
+            "model.learn_inner_lr=false",
+            "model.center_features=true",
+            "data.train_ways=20",
+        ],
     },
     # Every learner of the harness on the same data, budget and test episodes.
     "baselines": {
