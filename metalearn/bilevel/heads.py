@@ -118,6 +118,7 @@ def fit_linear_heads(
     truncate: int | None = None,
     first_order: bool = False,
     callback: StepCallback | None = None,
+    init: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Train B linear softmax heads from zero by ``steps`` steps of gradient descent.
 
@@ -147,6 +148,9 @@ def fit_linear_heads(
         callback: called as ``callback(t, weight, bias)`` with the heads after t steps, for
             t = 0 (the zero heads) .. ``steps``; for monitoring (e.g. query accuracy against
             the inner step), it must not modify the tensors.
+        init: start from ``(weight, bias)`` ((B, d, ways) and (B, ways), or broadcastable
+            to them) instead of zero, e.g. a learned initialization (ANIL); when it
+            requires grad the returned heads depend on it through the kept steps.
 
     Returns:
         ``(weight, bias)`` of shapes (B, d, ways) and (B, ways), in the features' dtype.
@@ -161,8 +165,11 @@ def fit_linear_heads(
     batch, _, dim = support_features.shape
     features = support_features
     targets = F.one_hot(support_labels.long(), ways).to(features.dtype)
-    weight = features.new_zeros(batch, dim, ways)
-    bias = features.new_zeros(batch, ways)
+    if init is None:
+        weight, bias = features.new_zeros(batch, dim, ways), features.new_zeros(batch, ways)
+    else:
+        weight = init[0].to(features.dtype).expand(batch, dim, ways)
+        bias = init[1].to(features.dtype).expand(batch, ways)
     lr_w: LearningRate
     lr_b: LearningRate
     if isinstance(lr, Tensor):
@@ -172,7 +179,9 @@ def fit_linear_heads(
         lr_w = lr_b = lr
 
     needs_graph = torch.is_grad_enabled() and (
-        features.requires_grad or (isinstance(lr, Tensor) and lr.requires_grad)
+        features.requires_grad
+        or (isinstance(lr, Tensor) and lr.requires_grad)
+        or (init is not None and (init[0].requires_grad or init[1].requires_grad))
     )
     first_tracked = 0 if truncate is None else max(steps - truncate, 0)
     if callback is not None:

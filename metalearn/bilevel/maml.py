@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metalearn.bilevel.heads import LearningRate, StepCallback, head_gradient
+from metalearn.bilevel.heads import LearningRate, StepCallback, fit_linear_heads
 
 __all__ = [
     "Params",
@@ -176,9 +176,9 @@ def adapt_linear_heads(
 ) -> tuple[Tensor, Tensor]:
     """T steps of gradient descent on B linear softmax heads from a given initialization.
 
-    The ANIL inner loop: :func:`metalearn.bilevel.fit_linear_heads` (the same closed-form
-    batched gradient ``head_gradient``, the same update) started at ``(weight, bias)``
-    instead of zero; with ``weight = bias = 0`` the two are the same computation. When the
+    The ANIL inner loop: :func:`metalearn.bilevel.fit_linear_heads` started at
+    ``(weight, bias)`` instead of zero (its ``init``), with the shapes checked here; with
+    ``weight = bias = 0`` the two are the same computation. When the
     initialization requires grad (a learned head, an outer variable) the returned heads
     depend on it through all T steps, and on the features and ``lr`` as in
     ``fit_linear_heads``; under ``torch.no_grad()`` no graph is built.
@@ -203,10 +203,7 @@ def adapt_linear_heads(
             f"expected support_features (B, S, d) and support_labels (B, S), got "
             f"{tuple(support_features.shape)} and {tuple(support_labels.shape)}"
         )
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    batch, _, dim = support_features.shape
-    dtype = support_features.dtype
+    dim = support_features.shape[-1]
     if weight is None:
         weight = support_features.new_zeros(dim, ways)
     if bias is None:
@@ -216,24 +213,14 @@ def adapt_linear_heads(
             f"the head initialization has shapes {tuple(weight.shape)} and {tuple(bias.shape)}; "
             f"episodes with {dim}-d features and {ways} ways need (..., {dim}, {ways}) and (..., {ways})"
         )
-    weight = weight.to(dtype).expand(batch, dim, ways)
-    bias = bias.to(dtype).expand(batch, ways)
-    targets = F.one_hot(support_labels.long(), ways).to(dtype)
-    lr_w: LearningRate
-    lr_b: LearningRate
-    if isinstance(lr, Tensor) and lr.dim() > 0:
-        lr = lr.to(dtype)
-        lr_w, lr_b = lr.view(-1, 1, 1), lr.view(-1, 1)
-    else:
-        lr_w = lr_b = lr.to(dtype) if isinstance(lr, Tensor) else lr
-    if callback is not None:
-        callback(0, weight, bias)
-    for step in range(steps):
-        grad_weight, grad_bias = head_gradient(support_features, targets, weight, bias, l2)
-        if first_order:
-            grad_weight, grad_bias = grad_weight.detach(), grad_bias.detach()
-        weight = weight - lr_w * grad_weight
-        bias = bias - lr_b * grad_bias
-        if callback is not None:
-            callback(step + 1, weight, bias)
-    return weight, bias
+    return fit_linear_heads(
+        support_features,
+        support_labels,
+        ways,
+        steps,
+        lr,
+        l2=l2,
+        first_order=first_order,
+        callback=callback,
+        init=(weight, bias),
+    )
