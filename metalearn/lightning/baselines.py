@@ -24,11 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.bilevel import fit_linear_heads, head_logits
-from metalearn.bilevel.maml import Params, adapt_linear_heads, maml_episodes
+from metalearn.bilevel import head_logits
+from metalearn.bilevel.maml import Params, maml_episodes
 from metalearn.data.episodes import EpisodeBatch, EpisodeSampler
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.lightning.episodic import BatchStats, EpisodicModule, InverseTimeDecay, plain
+from metalearn.lightning.episodic import (
+    BatchStats,
+    EpisodicModule,
+    InverseTimeDecay,
+    plain,
+    query_metrics,
+)
 
 __all__ = [
     "PrototypicalNetwork",
@@ -66,12 +72,6 @@ def prototype_logits(
         + prototypes.pow(2).sum(-1).unsqueeze(1)
     )
     return -squared
-
-
-def _query_metrics(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-episode mean cross-entropy and accuracy of (B, Q, N) logits."""
-    loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
-    return loss, (logits.argmax(-1) == labels).float().mean(1)
 
 
 def _feature_dim(backbone: nn.Module) -> int:
@@ -126,7 +126,7 @@ class PrototypicalNetwork(EpisodicModule):
         logits = prototype_logits(
             support_features, batch.support_labels, query_features, batch.ways
         )
-        loss, accuracy = _query_metrics(logits, batch.query_labels)
+        loss, accuracy = query_metrics(logits, batch.query_labels)
         return loss, accuracy, accuracy[:, None] if per_step else None
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor | None:
@@ -459,31 +459,16 @@ class ANIL(_InnerLoopLearner):
         Returns:
             ``(loss (B,), accuracy (B,), accuracy_per_step (B, steps + 1) or None)``.
         """
-        support_features, query_features = self.embed(batch.support, batch.query)
-        if self.center_features:
-            center = support_features.mean(dim=1, keepdim=True)
-            support_features, query_features = support_features - center, query_features - center
-        curve: list[Tensor] = []
-
-        def track(step: int, weight: Tensor, bias: Tensor) -> None:
-            predicted = head_logits(query_features, weight, bias).argmax(-1)
-            curve.append((predicted == batch.query_labels).float().mean(1))
-
-        weight, bias = adapt_linear_heads(
-            support_features,
-            batch.support_labels,
-            batch.ways,
+        return self.linear_head_forward(
+            batch,
             steps,
+            per_step,
             self.inner_lr,
-            *self.initial_head(batch.ways),
+            center_features=self.center_features,
             l2=self.l2,
             first_order=self.first_order,
-            callback=track if per_step else None,
+            init=self.initial_head(batch.ways),
         )
-        loss, accuracy = _query_metrics(
-            head_logits(query_features, weight, bias), batch.query_labels
-        )
-        return loss, accuracy, torch.stack(curve, dim=1) if per_step else None
 
 
 class ClassicalJointTraining(EpisodicModule):
@@ -664,7 +649,7 @@ class ClassicalJointTraining(EpisodicModule):
         features = torch.cat([support_features, query_features], dim=1)
         labels = torch.cat([batch.support_labels, batch.query_labels], dim=1)
         logits = head_logits(features, self.head_weight[pool_ids], self.head_bias[pool_ids])
-        return _query_metrics(logits, labels)
+        return query_metrics(logits, labels)
 
     def episode_forward(
         self, batch: EpisodeBatch, steps: int, per_step: bool = False
@@ -674,27 +659,9 @@ class ClassicalJointTraining(EpisodicModule):
         Returns:
             ``(loss (B,), accuracy (B,), accuracy_per_step (B, steps + 1) or None)``.
         """
-        support_features, query_features = self.embed(batch.support, batch.query)
-        support_features, query_features = support_features.detach(), query_features.detach()
-        curve: list[Tensor] = []
-
-        def track(step: int, weight: Tensor, bias: Tensor) -> None:
-            predicted = head_logits(query_features, weight, bias).argmax(-1)
-            curve.append((predicted == batch.query_labels).float().mean(1))
-
-        weight, bias = fit_linear_heads(
-            support_features,
-            batch.support_labels,
-            batch.ways,
-            steps,
-            self.eval_inner_lr,
-            l2=self.eval_l2,
-            callback=track if per_step else None,
+        return self.linear_head_forward(
+            batch, steps, per_step, self.eval_inner_lr, detach_features=True, l2=self.eval_l2
         )
-        loss, accuracy = _query_metrics(
-            head_logits(query_features, weight, bias), batch.query_labels
-        )
-        return loss, accuracy, torch.stack(curve, dim=1) if per_step else None
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor | None:
         loss, accuracy = self.training_loss(self.pool_batch(batch))

@@ -8,10 +8,13 @@ from typing import Any, Literal
 import hydra.utils
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from metalearn.bilevel import fit_linear_heads, head_logits
+from metalearn.bilevel.heads import LearningRate
 from metalearn.data.episodes import EpisodeBatch
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.reports import mean_ci95
@@ -44,6 +47,12 @@ def plain(config: Any) -> Any:
     return (
         OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
     )
+
+
+def query_metrics(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-episode mean cross-entropy and accuracy of (B, Q, N) logits."""
+    loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
+    return loss, (logits.argmax(-1) == labels).float().mean(1)
 
 
 class EpisodicModule(pl.LightningModule):
@@ -122,6 +131,52 @@ class EpisodicModule(pl.LightningModule):
         return "lower the learning rates, or set model.nonfinite=skip"
 
     # -- shared pieces ------------------------------------------------------------------
+    def linear_head_forward(
+        self,
+        batch: EpisodeBatch,
+        steps: int,
+        per_step: bool,
+        lr: LearningRate,
+        center_features: bool = False,
+        detach_features: bool = False,
+        **solver: Any,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Embed the episodes, fit a linear head per episode on its support features by
+        ``steps`` steps of :func:`~metalearn.bilevel.fit_linear_heads` (``solver``: its
+        other arguments), score the query set.
+
+        ``center_features`` subtracts each episode's mean support feature from its support
+        and query features first; ``detach_features`` fits on frozen features.
+
+        Returns:
+            ``(loss (B,), accuracy (B,), accuracy_per_step (B, steps + 1) or None)``.
+        """
+        support_features, query_features = self.embed(batch.support, batch.query)
+        if detach_features:
+            support_features, query_features = support_features.detach(), query_features.detach()
+        if center_features:
+            center = support_features.mean(dim=1, keepdim=True)
+            support_features, query_features = support_features - center, query_features - center
+        curve: list[Tensor] = []
+
+        def track(step: int, weight: Tensor, bias: Tensor) -> None:
+            predicted = head_logits(query_features, weight, bias).argmax(-1)
+            curve.append((predicted == batch.query_labels).float().mean(1))
+
+        weight, bias = fit_linear_heads(
+            support_features,
+            batch.support_labels,
+            batch.ways,
+            steps,
+            lr,
+            callback=track if per_step else None,
+            **solver,
+        )
+        loss, accuracy = query_metrics(
+            head_logits(query_features, weight, bias), batch.query_labels
+        )
+        return loss, accuracy, torch.stack(curve, dim=1) if per_step else None
+
     def embed(self, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
         """Backbone features of support (B, NK, ...) and query (B, NQ, ...) images.
 

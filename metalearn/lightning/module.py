@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.bilevel import fit_linear_heads, head_logits
 from metalearn.data.episodes import EpisodeBatch
 from metalearn.errors import ConfigError
 from metalearn.lightning.episodic import BatchStats, EpisodicModule, plain
@@ -124,31 +123,16 @@ class HyperRepresentation(EpisodicModule):
             the query accuracy of the heads after t = 0..steps inner steps, when
             ``per_step`` is set, else None.
         """
-        support_features, query_features = self.embed(batch.support, batch.query)
-        if self.center_features:
-            center = support_features.mean(dim=1, keepdim=True)
-            support_features, query_features = support_features - center, query_features - center
-        curve: list[Tensor] = []
-
-        def track(step: int, weight: Tensor, bias: Tensor) -> None:
-            predicted = head_logits(query_features, weight, bias).argmax(-1)
-            curve.append((predicted == batch.query_labels).float().mean(1))
-
-        weight, bias = fit_linear_heads(
-            support_features,
-            batch.support_labels,
-            batch.ways,
+        return self.linear_head_forward(
+            batch,
             steps,
+            per_step,
             self.inner_lr,
+            center_features=self.center_features,
             l2=self.l2,
             truncate=self.truncate,
             first_order=self.first_order,
-            callback=track if per_step else None,
         )
-        logits = head_logits(query_features, weight, bias)
-        loss = F.cross_entropy(logits.transpose(1, 2), batch.query_labels, reduction="none")
-        accuracy = (logits.argmax(-1) == batch.query_labels).float().mean(1)
-        return loss.mean(1), accuracy, torch.stack(curve, dim=1) if per_step else None
 
     def diverged_message(self) -> str:
         return (
