@@ -74,12 +74,16 @@ SUITES: dict[str, dict[str, list[str]]] = {
 SUITE_DEFAULTS: dict[str, dict[str, object]] = {
     "omniglot_5w1s": {
         "experiment": "omniglot_5w1s_paper",  # the variants change the paper's settings
+        "base": [],
         "steps": 2000,
         "val_every": 500,
         "val_episodes": 300,
     },
     "baselines": {
         "experiment": "omniglot_5w1s",  # also run with --experiment omniglot_5w5s
+        # Training episodes of the test geometry for every learner: MAML's and ANIL's learned
+        # head initialization fixes the number of ways (omniglot_5w1s trains on 20-way).
+        "base": ["data.train_ways=null"],
         "steps": 1000,
         "val_every": 500,
         "val_episodes": 200,
@@ -162,7 +166,9 @@ def main() -> None:
     parser.add_argument("--suite", default="omniglot_5w1s", choices=sorted(SUITES))
     parser.add_argument("--experiment", help="base experiment (default: the suite's)")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
-    parser.add_argument("--base", nargs="*", default=[], help="overrides shared by all variants")
+    parser.add_argument(
+        "--base", nargs="*", help="overrides shared by all variants (default: the suite's)"
+    )
     parser.add_argument("--steps", type=int)
     parser.add_argument("--val-every", type=int)
     parser.add_argument("--val-episodes", type=int)
