@@ -12,7 +12,7 @@ from conftest import compose_config
 from torch import Tensor, nn
 
 from metalearn.bilevel import fit_linear_heads
-from metalearn.bilevel.maml import adapt_linear_heads, gradient_descent, maml_episodes
+from metalearn.bilevel.maml import gradient_descent, maml_episodes
 from metalearn.checkpoint import read_checkpoint
 from metalearn.data.episodes import EpisodeBatch, EpisodeSampler
 from metalearn.errors import ConfigError
@@ -249,22 +249,25 @@ def test_anil_with_zero_head_init_is_the_hyper_representation(first_order, cente
         torch.testing.assert_close(grad_a, grad_h, rtol=1e-10, atol=1e-12)
 
 
-def test_adapt_linear_heads_from_zero_is_fit_linear_heads_and_learns_its_init():
+def test_linear_heads_from_a_zero_init_are_the_default_and_learn_a_given_init():
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(4, 6, 5, generator=generator, dtype=torch.float64)
     labels = torch.arange(3).repeat(2).expand(4, -1)
     expected = fit_linear_heads(features, labels, 3, steps=4, lr=0.5, l2=0.1)
-    got = adapt_linear_heads(features, labels, 3, 4, 0.5, l2=0.1)
+    zero = (torch.zeros(5, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    got = fit_linear_heads(features, labels, 3, steps=4, lr=0.5, l2=0.1, init=zero)
     torch.testing.assert_close(got, expected)
-    # A learned initialization (d, N): its gradient through the 4 steps, against gradcheck.
+    # A learned initialization (d, N) (ANIL): its gradient through the 4 steps, against gradcheck.
     weight = torch.randn(5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, generator=generator, dtype=torch.float64, requires_grad=True)
 
     def outer(w: Tensor, b: Tensor) -> Tensor:
-        heads = adapt_linear_heads(features, labels, 3, 4, 0.5, w, b)
+        heads = fit_linear_heads(features, labels, 3, steps=4, lr=0.5, init=(w, b))
         return torch.baddbmm(heads[1].unsqueeze(1), features, heads[0]).logsumexp(-1).sum()
 
     assert torch.autograd.gradcheck(outer, (weight, bias))
+    with pytest.raises(ValueError, match="head initialization has shapes"):
+        fit_linear_heads(features, labels, 3, steps=4, lr=0.5, init=(weight[:, :2], bias))
 
 
 def test_classical_trains_pool_heads_jointly_and_fits_new_heads_at_test():

@@ -81,6 +81,7 @@ def _check_inputs(
     steps: int,
     lr: LearningRate,
     truncate: int | None,
+    init: tuple[Tensor, Tensor] | None = None,
 ) -> None:
     if support_features.dim() != 3:
         raise ValueError(
@@ -106,6 +107,18 @@ def _check_inputs(
             f"a tensor lr must be 0-d or have shape (B,) = {tuple(support_features.shape[:1])}, "
             f"got {tuple(lr.shape)}"
         )
+    if init is not None:
+        weight, bias = init
+        batch, _, dim = support_features.shape
+        if weight.shape not in ((dim, ways), (batch, dim, ways)) or bias.shape not in (
+            (ways,),
+            (batch, ways),
+        ):
+            raise ValueError(
+                f"the head initialization has shapes {tuple(weight.shape)} and "
+                f"{tuple(bias.shape)}; {batch} episodes with {dim}-d features and {ways} ways "
+                f"need ({dim}, {ways}) or ({batch}, {dim}, {ways}), and ({ways},) or ({batch}, {ways})"
+            )
 
 
 def fit_linear_heads(
@@ -148,8 +161,9 @@ def fit_linear_heads(
         callback: called as ``callback(t, weight, bias)`` with the heads after t steps, for
             t = 0 (the zero heads) .. ``steps``; for monitoring (e.g. query accuracy against
             the inner step), it must not modify the tensors.
-        init: start from ``(weight, bias)`` ((B, d, ways) and (B, ways), or broadcastable
-            to them) instead of zero, e.g. a learned initialization (ANIL); when it
+        init: start from ``(weight, bias)`` instead of zero: (d, ways) and (ways,) shared by
+            the episodes, or (B, d, ways) and (B, ways); e.g. a learned initialization
+            (ANIL: Raghu et al. 2020 adapt only the head, from a meta-learned one). When it
             requires grad the returned heads depend on it through the kept steps.
 
     Returns:
@@ -161,7 +175,7 @@ def fit_linear_heads(
         >>> w.shape, b.shape
         (torch.Size([4, 8, 5]), torch.Size([4, 5]))
     """
-    _check_inputs(support_features, support_labels, ways, steps, lr, truncate)
+    _check_inputs(support_features, support_labels, ways, steps, lr, truncate, init)
     batch, _, dim = support_features.shape
     features = support_features
     targets = F.one_hot(support_labels.long(), ways).to(features.dtype)

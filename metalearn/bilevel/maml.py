@@ -13,9 +13,9 @@ hypergradient through the T steps (second order: Hessian-vector products), or it
 first-order approximation that treats each ∇_θ L_support as a constant.
 
 ANIL (Raghu, Raghu, Bengio, Vinyals, "Rapid Learning or Feature Reuse?", ICLR 2020) adapts
-only the linear head on frozen features: :func:`adapt_linear_heads`, the batched
-closed-form loop of :func:`metalearn.bilevel.fit_linear_heads` started from a given
-(learned) head instead of zero.
+only the linear head on frozen features: the batched closed-form loop of
+:func:`metalearn.bilevel.fit_linear_heads` started from the learned head (its ``init``)
+instead of zero.
 
 Here the gradient steps are taken with :func:`torch.func.grad` on a functional model and
 the B episodes of a meta-batch are vectorized with :func:`torch.func.vmap` (one batched
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metalearn.bilevel.heads import LearningRate, StepCallback, fit_linear_heads
+from metalearn.bilevel.heads import LearningRate
 
 __all__ = [
     "Params",
@@ -42,7 +42,6 @@ __all__ = [
     "ParamsCallback",
     "gradient_descent",
     "maml_episodes",
-    "adapt_linear_heads",
 ]
 
 #: The functional parameters of a model: name -> tensor (``torch.func.functional_call``).
@@ -160,67 +159,3 @@ def maml_episodes(
         support, support_labels, query, query_labels
     )
     return loss, accuracy, curve if per_step else None
-
-
-def adapt_linear_heads(
-    support_features: Tensor,
-    support_labels: Tensor,
-    ways: int,
-    steps: int,
-    lr: LearningRate,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    l2: float = 0.0,
-    first_order: bool = False,
-    callback: StepCallback | None = None,
-) -> tuple[Tensor, Tensor]:
-    """T steps of gradient descent on B linear softmax heads from a given initialization.
-
-    The ANIL inner loop: :func:`metalearn.bilevel.fit_linear_heads` started at
-    ``(weight, bias)`` instead of zero (its ``init``), with the shapes checked here; with
-    ``weight = bias = 0`` the two are the same computation. When the
-    initialization requires grad (a learned head, an outer variable) the returned heads
-    depend on it through all T steps, and on the features and ``lr`` as in
-    ``fit_linear_heads``; under ``torch.no_grad()`` no graph is built.
-
-    Args:
-        support_features: (B, S, d) support features.
-        support_labels: (B, S) integer labels in ``[0, ways)``.
-        ways: N.
-        steps: T >= 0.
-        lr: step size: float, 0-d tensor or (B,) tensor; may require grad.
-        weight: (d, N) initialization shared by the episodes, or (B, d, N); ``None``: zero.
-        bias: (N,) or (B, N); ``None``: zero.
-        l2: penalty ``l2/2 ||W||²`` of the inner problem (the weights, not the bias).
-        first_order: treat each inner gradient as a constant.
-        callback: ``callback(t, weight, bias)`` for t = 0..T (monitoring only).
-
-    Returns:
-        ``(weight (B, d, N), bias (B, N))``.
-    """
-    if support_features.dim() != 3 or support_labels.shape != support_features.shape[:2]:
-        raise ValueError(
-            f"expected support_features (B, S, d) and support_labels (B, S), got "
-            f"{tuple(support_features.shape)} and {tuple(support_labels.shape)}"
-        )
-    dim = support_features.shape[-1]
-    if weight is None:
-        weight = support_features.new_zeros(dim, ways)
-    if bias is None:
-        bias = support_features.new_zeros(ways)
-    if weight.shape[-2:] != (dim, ways) or bias.shape[-1] != ways:
-        raise ValueError(
-            f"the head initialization has shapes {tuple(weight.shape)} and {tuple(bias.shape)}; "
-            f"episodes with {dim}-d features and {ways} ways need (..., {dim}, {ways}) and (..., {ways})"
-        )
-    return fit_linear_heads(
-        support_features,
-        support_labels,
-        ways,
-        steps,
-        lr,
-        l2=l2,
-        first_order=first_order,
-        callback=callback,
-        init=(weight, bias),
-    )

@@ -379,7 +379,8 @@ class ANIL(_InnerLoopLearner):
     ``head_init="zero"`` and the same T, η, BatchNorm grouping and centering it computes
     exactly what :class:`~metalearn.lightning.module.HyperRepresentation` computes (a test
     checks it); the inner loop is the same batched closed-form solver
-    (:func:`metalearn.bilevel.maml.adapt_linear_heads`), one backbone pass per meta-batch.
+    (:func:`metalearn.bilevel.fit_linear_heads` from the learned head), one backbone pass
+    per meta-batch.
 
     Args:
         backbone: Hydra config (``_target_``) of the representation network.
