@@ -256,6 +256,27 @@ def test_resume_after_sigkill_is_exact(tmp_path, data_dir, real_cache_dir):
     assert a["val_acc_best"] == b["val_acc_best"]
 
 
+def test_a_finished_run_extends_to_a_larger_max_steps_exactly(tmp_path, data_dir, real_cache_dir):
+    """`ckpt_path=last trainer.max_steps=N` on a run that reached its max_steps trains the
+    steps in between (it once stopped at once: max_epochs=1 was already reached) and ends
+    where a run trained straight to N ends."""
+    args = ["trainer.val_check_interval=5", "test=false", "model.learn_inner_lr=true"]
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    run_tiny(straight, data_dir, real_cache_dir, *args, "trainer.max_steps=10")
+    run_tiny(extended, data_dir, real_cache_dir, *args, "trainer.max_steps=5")
+    first = read_checkpoint(extended / "checkpoints" / "last.ckpt")
+    assert first["global_step"] == 5
+    run_tiny(extended, data_dir, real_cache_dir, *args, "trainer.max_steps=10", "ckpt_path=last")
+
+    a = read_checkpoint(straight / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(extended / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 10
+    assert max_difference(first["state_dict"], b["state_dict"]) > 1e-4  # it did train
+    assert max_difference(a["state_dict"], b["state_dict"]) <= 1e-6
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 10
+    assert a["val_acc_best"] == b["val_acc_best"]
+
+
 def test_same_seed_same_metrics(tmp_path, data_dir, real_cache_dir):
     first = run_tiny(
         tmp_path / "a",
