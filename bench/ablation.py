@@ -61,7 +61,12 @@ SUITES: dict[str, dict[str, list[str]]] = {
     },
     # Every learner of the harness on the same data, budget and test episodes.
     "baselines": {
-        "hyper_representation": ["algorithm=hyper_representation"],
+        # The model these rows were recorded with (omniglot_5w1s now also splits BatchNorm
+        # statistics, which the other learners do not get).
+        "hyper_representation": [
+            "algorithm=hyper_representation",
+            "model=hyper_representation_tuned",
+        ],
         "protonet": ["algorithm=protonet"],
         "maml": ["algorithm=maml"],
         "anil": ["algorithm=anil"],
