@@ -44,8 +44,8 @@ def run_cli(script: str, args: list[str], data_dir: Path, cache_dir: Path, log_d
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data_dir, real_cache_dir):
-    """A 5-way 1-shot run of the defaults (20-way training episodes) on real Omniglot within a
-    3-minute budget (about 1.5 minutes here)."""
+    """A 5-way 1-shot run of the defaults (20-way training episodes, statistics per set) on
+    real Omniglot within a 3-minute budget (about 1.5 minutes here)."""
     out = tmp_path_factory.mktemp("run")
     cfg = compose_config(
         "train",

@@ -14,10 +14,12 @@ def test_tuned_5way_1shot_at_2000_steps(tmp_path, data_dir, real_cache_dir):
     """2,000 outer steps (8,000 training episodes of 20 ways) of `experiment=omniglot_5w1s`,
     seed 0, CPU.
 
-    Measured when 20-way training episodes became the default: 97.96% ± 0.28 on the 600
-    fixed test episodes (bench/ablation.py, variant fixed_lr_center_train_20way); the tuned
-    settings on 5-way training episodes reach 95.92% and the paper's exact settings 88.85%
-    at this budget. The guard allows for run-to-run and machine-to-machine differences.
+    Measured when BatchNorm statistics per set became the default: 98.28% ± 0.25 on the 600
+    fixed test episodes (this test, 16:47 on 2 CPU threads). At this budget the same with
+    statistics per episode reached 97.96% (bench/ablation.py, fixed_lr_center_train_20way)
+    and 98.00% (this test then), the tuned settings on 5-way training episodes 95.92% and the
+    paper's exact settings 88.85%. The guard allows for run-to-run and machine-to-machine
+    differences.
     """
     cfg = compose_config(
         "train",
@@ -34,5 +36,6 @@ def test_tuned_5way_1shot_at_2000_steps(tmp_path, data_dir, real_cache_dir):
         real_cache_dir,
     )
     assert cfg.data.train_ways == 20, "the guard runs the defaults"
+    assert cfg.model.batch_stats == "split", "the guard runs the defaults"
     metrics = train(cfg)
-    assert metrics["test/accuracy"] >= 0.965, metrics
+    assert metrics["test/accuracy"] >= 0.97, metrics
