@@ -8,12 +8,13 @@ from typing import Any
 
 import hydra.utils
 import torch
-from torch import nn
 
 from metalearn.errors import ConfigError
+from metalearn.models.normalization import Representation, build_backbone
 
 __all__ = [
     "read_checkpoint",
+    "upgrade_hyper_parameters",
     "load_representation",
     "check_resumable",
     "config_differences",
@@ -36,32 +37,63 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read checkpoint {path}: {err}".replace("\n", " ")) from None
     if "state_dict" not in checkpoint or "backbone" not in checkpoint.get("hyper_parameters", {}):
         raise ConfigError(f"{path} is not a metalearn training checkpoint (no backbone config)")
+    checkpoint["hyper_parameters"] = upgrade_hyper_parameters(checkpoint["hyper_parameters"])
     return checkpoint
 
 
-def load_representation(checkpoint_path: str | Path) -> nn.Module:
+def upgrade_hyper_parameters(hyper_parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model hyperparameters in today's form.
+
+    Checkpoints written before ``model.batch_stats`` became the one normalization setting
+    carry ``backbone.norm``: ``"running"`` becomes ``batch_stats="running"``, ``"batch"``
+    is dropped (the grouping was already in ``batch_stats``).
+    """
+    upgraded = dict(hyper_parameters)
+    backbone = dict(upgraded["backbone"])
+    norm = backbone.pop("norm", None)
+    if norm == "running":
+        upgraded["batch_stats"] = "running"
+    upgraded["backbone"] = backbone
+    return upgraded
+
+
+def load_representation(checkpoint_path: str | Path) -> Representation:
     """The trained representation h_λ of a checkpoint, as a plain ``torch.nn.Module``.
 
-    The module maps a batch of images to features: for Omniglot (B, 1, 28, 28) float
-    images preprocessed as :func:`metalearn.data.load_omniglot_image` does (ink = 1,
-    background = 0) to (B, 256). It is returned in ``eval()`` mode on the CPU. With the
-    default BatchNorm mode (``norm: batch``, the paper's) normalization uses the statistics
-    of the batch it is given, so embed a whole episode (or a reasonably large batch) at once.
+    The module's ``forward(images, support=None)`` maps (M, C, H, W) float images to
+    (M, d) features: for Omniglot (M, 1, 28, 28) images preprocessed as
+    :func:`metalearn.data.load_omniglot_image` does (ink = 1, background = 0) to (M, 256).
+    ``support`` holds the episode's support images, normalized as the model was trained
+    (its ``batch_stats``, see :class:`~metalearn.models.Representation`):
+
+    * inductive checkpoints (``support``, ``running``): a query embedded alone gets the same
+      features as in a batch with the same ``support``, so one image at a time is fine;
+    * transductive checkpoints (``episode``, ``split``, ``meta_batch``): an image's features
+      depend on the other images of the call (BatchNorm uses their statistics); a query
+      embedded alone does *not* get the features it gets in its episode, so embed a whole
+      episode at once.
+
+    Returned in ``eval()`` mode on the CPU, in the checkpoint's floating dtype;
+    ``.protocol`` says which of the two it is.
 
     Example:
         >>> net = load_representation("logs/train/runs/.../checkpoints/last.ckpt")
-        >>> features = net(torch.stack([load_omniglot_image(p) for p in paths]))
+        >>> support = torch.stack([load_omniglot_image(p) for p in support_paths])
+        >>> features = net(load_omniglot_image(query_path)[None], support=support)
     """
     checkpoint = read_checkpoint(checkpoint_path)
-    net: nn.Module = hydra.utils.instantiate(checkpoint["hyper_parameters"]["backbone"])
+    hyper_parameters = checkpoint["hyper_parameters"]
+    batch_stats = hyper_parameters.get("batch_stats", "episode")
+    net = build_backbone(hyper_parameters["backbone"], batch_stats)
     prefix = "backbone."
     state = {
         key[len(prefix) :]: value
         for key, value in checkpoint["state_dict"].items()
         if key.startswith(prefix)
     }
-    net.load_state_dict(state)
-    return net.eval()
+    dtypes = [value.dtype for value in state.values() if value.is_floating_point()]
+    net.to(dtypes[0] if dtypes else torch.float32).load_state_dict(state)
+    return Representation(net, batch_stats).eval()
 
 
 #: Model settings that change the parameters' shapes or meaning: a checkpoint whose values
@@ -106,6 +138,9 @@ def check_resumable(checkpoint: Mapping[str, Any], model_config: Mapping[str, An
             f"choose the model (or algorithm) the checkpoint was trained with"
         )
     structural = config_differences(trained, model_config, STRUCTURAL_KEYS)
+    stats = (trained.get("batch_stats"), model_config.get("batch_stats"))
+    if stats[0] != stats[1] and "running" in stats:  # running averages are buffers
+        structural.append(f"model.batch_stats: checkpoint {stats[0]!r}, config {stats[1]!r}")
     if structural:
         raise ConfigError(
             "the checkpoint was trained with a different model config: " + "; ".join(structural)

@@ -14,7 +14,12 @@ import hydra.utils
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metalearn.checkpoint import check_resumable, find_last_checkpoint, read_checkpoint
+from metalearn.checkpoint import (
+    check_resumable,
+    find_last_checkpoint,
+    read_checkpoint,
+    upgrade_hyper_parameters,
+)
 from metalearn.data.datamodule import EpisodicDataModule
 from metalearn.errors import ConfigError
 from metalearn.lightning import EpisodicModule
@@ -123,6 +128,7 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
 
 def _test_result(
     trainer: pl.Trainer,
+    model: EpisodicModule,
     datamodule: EpisodicDataModule,
     steps: int,
     checkpoint: str | None,
@@ -140,6 +146,8 @@ def _test_result(
         "inner_steps": steps,
         "split": getattr(datamodule, "split", None),
         "disjoint": datamodule.disjoint,
+        "protocol": model.protocol,
+        "batch_stats": model.batch_stats,
         "checkpoint": checkpoint,
         "loss": metrics["test/loss"],
         "accuracy_per_step": [metrics[f"test/acc_t{t}"] for t in range(steps + 1)],
@@ -177,7 +185,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _sweep_safe(cfg.trainer), callbacks=callbacks, logger=loggers or False
     )
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        hyperparameters: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        logger.log_hyperparams({**hyperparameters, "protocol": model.protocol})
     try:
         if cfg.get("train", True):
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume[0] if resume else None)
@@ -185,7 +194,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("test", True):
             best = _best_checkpoint(trainer)
             trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
-            result = _test_result(trainer, datamodule, model.eval_steps, best)
+            result = _test_result(trainer, model, datamodule, model.eval_steps, best)
             write_json(result, cfg.output_file)
             print(format_result(result))
             print(f"report written to {cfg.output_file}")
@@ -217,7 +226,8 @@ def _training_wandb_project(ckpt_path: str) -> str | None:
 def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> EpisodicModule:
     """Rebuild the trained LightningModule (its class is recorded in the checkpoint)."""
     target = checkpoint.get("model_target", "metalearn.lightning.HyperRepresentation")
-    model: EpisodicModule = hydra.utils.get_class(target)(**checkpoint["hyper_parameters"])
+    hyper_parameters = upgrade_hyper_parameters(checkpoint["hyper_parameters"])
+    model: EpisodicModule = hydra.utils.get_class(target)(**hyper_parameters)
     model.load_state_dict(checkpoint["state_dict"])
     return model
 
@@ -285,7 +295,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             )
             trainer.test(model, datamodule=datamodule, verbose=False)
             full = _test_result(
-                trainer, datamodule, model.eval_steps, str(Path(ckpt_path).resolve())
+                trainer, model, datamodule, model.eval_steps, str(Path(ckpt_path).resolve())
             )
             curves[f"{ways}-way {shots}-shot"] = full["accuracy_per_step"]
             for steps in steps_list:
@@ -326,6 +336,8 @@ def _log_eval_to_wandb(loggers: list[Any], results: list[dict[str, Any]], plot: 
             "shots",
             "query_shots",
             "inner_steps",
+            "protocol",
+            "disjoint",
             "accuracy",
             "ci95",
             "episodes",
@@ -335,5 +347,10 @@ def _log_eval_to_wandb(loggers: list[Any], results: list[dict[str, Any]], plot: 
             {"eval/results": table, "eval/accuracy_vs_steps": wandb.Image(str(plot))}
         )
         logger.experiment.summary.update(
-            {"test/acc": results[0]["accuracy"], "test/ci95": results[0]["ci95"]}
+            {
+                "test/acc": results[0]["accuracy"],
+                "test/ci95": results[0]["ci95"],
+                "test/protocol": results[0]["protocol"],
+                "test/disjoint": results[0]["disjoint"],
+            }
         )

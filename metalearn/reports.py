@@ -14,6 +14,7 @@ from torch import Tensor
 __all__ = [
     "mean_ci95",
     "format_result",
+    "protocol_label",
     "write_json",
     "markdown_table",
     "plot_accuracy_vs_steps",
@@ -29,13 +30,18 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
 
 def format_result(result: Mapping[str, Any]) -> str:
     """One line: accuracy ± 95% CI and the setting it was measured on."""
-    sampler = "disjoint" if result.get("disjoint", True) else "paper"
     return (
         f"test accuracy {100 * result['accuracy']:.2f}% ± {100 * result['ci95']:.2f} "
         f"({result['episodes']} episodes, {result['ways']}-way {result['shots']}-shot, "
         f"{result['query_shots']} queries per class, T={result['inner_steps']}, "
-        f"split {result['split']}, {sampler} sampler)"
+        f"split {result['split']}, {protocol_label(result)})"
     )
+
+
+def protocol_label(result: Mapping[str, Any]) -> str:
+    """E.g. ``"inductive (batch_stats=support), disjoint sampler"``."""
+    sampler = "disjoint" if result.get("disjoint", True) else "paper"
+    return f"{result['protocol']} (batch_stats={result['batch_stats']}), {sampler} sampler"
 
 
 def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
@@ -49,16 +55,16 @@ def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
-    """A markdown table: setting, inner steps, accuracy ± 95% CI, episodes."""
+    """A markdown table: setting, protocol, inner steps, accuracy ± 95% CI, episodes."""
     lines = [
-        "| setting | inner steps | accuracy (%) | episodes |",
-        "| --- | --- | --- | --- |",
+        "| setting | protocol | inner steps | accuracy (%) | episodes |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r['ways']}-way {r['shots']}-shot, {r['query_shots']} queries | "
-            f"{r['inner_steps']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | "
-            f"{r['episodes']} |"
+            f"{protocol_label(r)} | {r['inner_steps']} | "
+            f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | {r['episodes']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -212,8 +212,9 @@ def test_maml_evaluation_builds_no_graph_and_gives_a_curve():
 
 
 def test_maml_rejects_other_batch_stats_and_mismatched_ways():
-    with pytest.raises(ConfigError, match="batch_stats=split"):
-        MAML(TINY_CONV, batch_stats="episode")
+    for other in ("episode", "meta_batch", "running"):
+        with pytest.raises(ConfigError, match=r"batch_stats must be split .* or support"):
+            MAML(TINY_CONV, batch_stats=other)
     model = MAML(TINY_CONV, ways=5)
     with pytest.raises(ConfigError, match="head_init=zero"):
         model.episode_forward(random_batch(1, ways=3, shots=1, queries=1, side=8), 1)

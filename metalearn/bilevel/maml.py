@@ -39,9 +39,11 @@ from metalearn.bilevel.heads import LearningRate
 __all__ = [
     "Params",
     "Predict",
+    "PredictQuery",
     "ParamsCallback",
     "gradient_descent",
     "maml_episodes",
+    "maml_logits",
 ]
 
 #: The functional parameters of a model: name -> tensor (``torch.func.functional_call``).
@@ -49,6 +51,11 @@ Params = dict[str, Tensor]
 
 #: ``predict(params, images)``: logits (M, N) of one episode's M images under ``params``.
 Predict = Callable[[Params, Tensor], Tensor]
+
+#: ``predict_query(params, support, query)``: logits (Q, N) of one episode's Q query images
+#: under ``params``, given its support images (S, ...) (e.g. for BatchNorm statistics taken
+#: from the support set).
+PredictQuery = Callable[[Params, Tensor, Tensor], Tensor]
 
 #: ``callback(t, params)``: sees the parameters after t inner steps (monitoring only).
 ParamsCallback = Callable[[int, Params], None]
@@ -95,6 +102,78 @@ def gradient_descent(
     return params
 
 
+def maml_logits(
+    predict: Predict,
+    params: Params,
+    support: Tensor,
+    support_labels: Tensor,
+    query: Tensor,
+    steps: int,
+    lr: LearningRate,
+    first_order: bool = False,
+    query_labels: Tensor | None = None,
+    chunk_size: int | None = None,
+    predict_query: PredictQuery | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Adapt ``params`` to each of B episodes by T steps of MAML; the query logits.
+
+    Every episode starts from the same ``params`` and takes ``steps`` gradient steps on the
+    mean cross-entropy of ``predict`` on its support set; the adapted parameters score its
+    query set. The episodes are vectorized with :func:`torch.func.vmap`, so ``predict``
+    sees one episode at a time: (S, ...) support or (Q, ...) query images. A module with
+    batch statistics (BatchNorm) therefore normalizes each episode's support set and query
+    set separately, as in Finn et al.'s code, unless ``predict_query`` scores the query
+    images another way (e.g. with the support set's statistics).
+
+    Args:
+        predict: ``predict(params, images (M, ...)) -> logits (M, N)``.
+        params: the initialization θ_0 (shared by all episodes).
+        support: (B, S, ...) support inputs (float).
+        support_labels: (B, S) integer labels.
+        query: (B, Q, ...) query inputs.
+        steps: T, inner steps.
+        lr: inner step size η (float or 0-d tensor, may require grad).
+        first_order: first-order MAML (each inner gradient treated as a constant).
+        query_labels: (B, Q) labels; given, the query accuracy after t = 0..T steps is
+            returned too.
+        chunk_size: episodes per vectorized chunk (``None``: all B at once); bounds memory.
+        predict_query: ``predict_query(params, support (S, ...), query (Q, ...))`` ->
+            (Q, N) logits; ``None``: ``predict(params, query)``.
+
+    Returns:
+        ``(logits (B, Q, N), accuracy_per_step (B, T + 1) or None)``.
+    """
+    per_step = query_labels is not None
+
+    def score(current: Params, xs: Tensor, xq: Tensor) -> Tensor:
+        return predict(current, xq) if predict_query is None else predict_query(current, xs, xq)
+
+    def episode(xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+        curve: list[Tensor] = []
+
+        def track(step: int, current: Params) -> None:
+            if step < steps:  # the last one is the final accuracy below
+                curve.append((score(current, xs, xq).argmax(-1) == yq).float().mean())
+
+        adapted = gradient_descent(
+            lambda p: F.cross_entropy(predict(p, xs), ys),
+            params,
+            steps,
+            lr,
+            first_order=first_order,
+            callback=track if per_step else None,
+        )
+        logits = score(adapted, xs, xq)
+        curve.append((logits.argmax(-1) == yq).float().mean())
+        return logits, torch.stack(curve)
+
+    labels = query_labels if query_labels is not None else query.new_zeros(query.shape[:2]).long()
+    logits, curve = torch.func.vmap(episode, chunk_size=chunk_size)(
+        support, support_labels, query, labels
+    )
+    return logits, curve if per_step else None
+
+
 def maml_episodes(
     predict: Predict,
     params: Params,
@@ -108,54 +187,24 @@ def maml_episodes(
     per_step: bool = False,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Adapt ``params`` to each of B episodes by T steps of MAML; query loss and accuracy.
-
-    Every episode starts from the same ``params`` and takes ``steps`` gradient steps on the
-    mean cross-entropy of ``predict`` on its support set; the adapted parameters are scored
-    on its query set. The episodes are vectorized with :func:`torch.func.vmap`, so
-    ``predict`` sees one episode at a time: (S, ...) support or (Q, ...) query images.
-    A module with batch statistics (BatchNorm) therefore normalizes each episode's support
-    set and query set separately, as in Finn et al.'s code.
-
-    Args:
-        predict: ``predict(params, images (M, ...)) -> logits (M, N)``.
-        params: the initialization θ_0 (shared by all episodes).
-        support: (B, S, ...) support inputs (float).
-        support_labels: (B, S) integer labels.
-        query: (B, Q, ...) query inputs.
-        query_labels: (B, Q) integer labels.
-        steps: T, inner steps.
-        lr: inner step size η (float or 0-d tensor, may require grad).
-        first_order: first-order MAML (each inner gradient treated as a constant).
-        per_step: also return the query accuracy after t = 0..T steps.
-        chunk_size: episodes per vectorized chunk (``None``: all B at once); bounds memory.
+    """Per-episode query loss and accuracy of :func:`maml_logits` (same arguments;
+    ``per_step``: also the query accuracy after t = 0..T steps).
 
     Returns:
         ``(loss (B,), accuracy (B,), accuracy_per_step (B, T + 1) or None)``.
     """
-
-    def episode(xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        curve: list[Tensor] = []
-
-        def track(step: int, current: Params) -> None:
-            if step < steps:  # the last one is the final accuracy below
-                curve.append((predict(current, xq).argmax(-1) == yq).float().mean())
-
-        adapted = gradient_descent(
-            lambda p: F.cross_entropy(predict(p, xs), ys),
-            params,
-            steps,
-            lr,
-            first_order=first_order,
-            callback=track if per_step else None,
-        )
-        logits = predict(adapted, xq)
-        loss = F.cross_entropy(logits, yq)
-        accuracy = (logits.argmax(-1) == yq).float().mean()
-        curve.append(accuracy)
-        return loss, accuracy, torch.stack(curve)
-
-    loss, accuracy, curve = torch.func.vmap(episode, chunk_size=chunk_size)(
-        support, support_labels, query, query_labels
+    logits, curve = maml_logits(
+        predict,
+        params,
+        support,
+        support_labels,
+        query,
+        steps,
+        lr,
+        first_order=first_order,
+        query_labels=query_labels if per_step else None,
+        chunk_size=chunk_size,
     )
-    return loss, accuracy, curve if per_step else None
+    loss = F.cross_entropy(logits.transpose(1, 2), query_labels, reduction="none").mean(1)
+    accuracy = (logits.argmax(-1) == query_labels).float().mean(1)
+    return loss, accuracy, curve

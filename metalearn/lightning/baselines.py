@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.bilevel import head_logits
-from metalearn.bilevel.maml import Params, maml_episodes
+from metalearn.bilevel.maml import Params, maml_logits
 from metalearn.data.episodes import EpisodeBatch, EpisodeSampler
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.lightning.episodic import (
@@ -45,6 +45,10 @@ __all__ = [
 ]
 
 HEAD_INITS = ("learned", "zero")
+
+#: MAML's BatchNorm settings: vmap sees one episode's set at a time and cannot update
+#: running statistics.
+MAML_BATCH_STATS = ("split", "support")
 
 
 def prototype_logits(
@@ -118,19 +122,20 @@ class PrototypicalNetwork(EpisodicModule):
             }
         )
 
-    def episode_forward(
+    def episode_logits(
         self, batch: EpisodeBatch, steps: int = 0, per_step: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Query loss and accuracy per episode; the curve is the accuracy (B, 1)."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """Query logits (B, NQ, N); the curve is the accuracy (B, 1)."""
         support_features, query_features = self.embed(batch.support, batch.query)
         logits = prototype_logits(
             support_features, batch.support_labels, query_features, batch.ways
         )
-        loss, accuracy = query_metrics(logits, batch.query_labels)
-        return loss, accuracy, accuracy[:, None] if per_step else None
+        if not per_step:
+            return logits, None
+        return logits, (logits.argmax(-1) == batch.query_labels).float().mean(1, keepdim=True)
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor | None:
-        loss, accuracy, _ = self.episode_forward(batch)
+        loss, accuracy, _ = self.episode_forward(batch, 0)
         loss = loss.mean()
         if not self.check_finite(loss, len(accuracy)):
             return None
@@ -240,10 +245,11 @@ class MAML(_InnerLoopLearner):
 
     The B episodes of a meta-batch are adapted at once with ``torch.func.vmap`` over a
     functional call of the backbone. Each forward pass sees one episode's support set or
-    its query set, so BatchNorm statistics are per episode and per set (``batch_stats``
-    must be ``"split"``), as in Finn et al.'s code; the backbone must keep no running
-    statistics (``norm: batch``), which vmap could not update. Validation and test adapt
-    with ``eval_inner_steps`` steps and build no outer graph.
+    its query set, so BatchNorm statistics are per episode and per set: ``batch_stats``
+    is ``"split"`` (transductive, as in Finn et al.'s code) or ``"support"`` (inductive:
+    the query images are normalized with the adapted network's statistics of the support
+    set); vmap cannot update running statistics. Validation and test adapt with
+    ``eval_inner_steps`` steps and build no outer graph.
 
     Args:
         backbone: Hydra config (``_target_``) of the representation network.
@@ -257,7 +263,7 @@ class MAML(_InnerLoopLearner):
             zero) or ``"zero"`` (a zero head at the start of every episode, any ways).
         episode_chunk: episodes per vectorized chunk (``None``: the whole meta-batch); a
             smaller value bounds the memory of large evaluation batches.
-        batch_stats: must be ``"split"`` (see above).
+        batch_stats: ``"split"`` or ``"support"`` (see above).
         optimizer: Hydra config of the outer optimizer, ``_partial_: true``.
         lr_decay: inverse-time decay of the outer learning rate per step (0: constant).
         nonfinite: ``"raise"`` or ``"skip"`` on an inf/NaN training loss.
@@ -309,21 +315,11 @@ class MAML(_InnerLoopLearner):
                 "nonfinite": nonfinite,
             }
         )
-        if batch_stats != "split":
+        if batch_stats not in MAML_BATCH_STATS:
             raise ConfigError(
-                f"MAML normalizes each episode's support and query sets separately "
-                f"(model.batch_stats=split), got {batch_stats!r}"
-            )
-        running = [
-            name
-            for name, _ in self.backbone.named_buffers()
-            if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
-        ]
-        if running:
-            raise ConfigError(
-                f"MAML adapts the backbone per episode under torch.func.vmap, which cannot "
-                f"update running statistics ({', '.join(running[:3])}, ...); use a backbone "
-                f"with norm: batch"
+                f"MAML adapts the backbone per episode under torch.func.vmap, so BatchNorm "
+                f"statistics are per episode and set: model.batch_stats must be split "
+                f"(transductive) or support (inductive), got {batch_stats!r}"
             )
         if episode_chunk is not None and episode_chunk < 1:
             raise ConfigError(f"model.episode_chunk must be >= 1 or null, got {episode_chunk}")
@@ -343,26 +339,34 @@ class MAML(_InnerLoopLearner):
         features = torch.func.functional_call(self.backbone, body, (images,))
         return features @ params["head.weight"] + params["head.bias"]
 
-    def episode_forward(
-        self, batch: EpisodeBatch, steps: int, per_step: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Query loss and accuracy of every episode after ``steps`` MAML steps.
+    def predict_query(self, params: Params, support: Tensor, query: Tensor) -> Tensor:
+        """Logits (Q, N) of one episode's query images under ``params``, BatchNorm
+        statistics from its support images (S, C, H, W) (``batch_stats="support"``)."""
+        prefix = "backbone."
+        body = {name[len(prefix) :]: p for name, p in params.items() if name.startswith(prefix)}
+        images = torch.cat([support, query])
+        features = torch.func.functional_call(
+            self.backbone, body, (images,), {"support_size": len(support)}
+        )[len(support) :]
+        return features @ params["head.weight"] + params["head.bias"]
 
-        Returns:
-            ``(loss (B,), accuracy (B,), accuracy_per_step (B, steps + 1) or None)``.
-        """
-        return maml_episodes(
+    def episode_logits(
+        self, batch: EpisodeBatch, steps: int, per_step: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Query logits (B, NQ, N) after ``steps`` MAML steps, and the accuracy after
+        t = 0..steps steps (B, steps + 1) when ``per_step``."""
+        return maml_logits(
             self.predict,
             self.initial_params(batch.ways),
             self._to_float(batch.support),
             batch.support_labels,
             self._to_float(batch.query),
-            batch.query_labels,
             steps,
             self.inner_lr,
             first_order=self.first_order,
-            per_step=per_step,
+            query_labels=batch.query_labels if per_step else None,
             chunk_size=self.episode_chunk,
+            predict_query=self.predict_query if self.batch_stats == "support" else None,
         )
 
 
@@ -452,15 +456,12 @@ class ANIL(_InnerLoopLearner):
         )
         self.l2, self.first_order, self.center_features = l2, first_order, center_features
 
-    def episode_forward(
+    def episode_logits(
         self, batch: EpisodeBatch, steps: int, per_step: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Query loss and accuracy of every episode after ``steps`` head steps.
-
-        Returns:
-            ``(loss (B,), accuracy (B,), accuracy_per_step (B, steps + 1) or None)``.
-        """
-        return self.linear_head_forward(
+    ) -> tuple[Tensor, Tensor | None]:
+        """Query logits (B, NQ, N) after ``steps`` head steps, and the accuracy after
+        t = 0..steps steps (B, steps + 1) when ``per_step``."""
+        return self.linear_head_logits(
             batch,
             steps,
             per_step,
@@ -652,15 +653,12 @@ class ClassicalJointTraining(EpisodicModule):
         logits = head_logits(features, self.head_weight[pool_ids], self.head_bias[pool_ids])
         return query_metrics(logits, labels)
 
-    def episode_forward(
+    def episode_logits(
         self, batch: EpisodeBatch, steps: int, per_step: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Evaluation: a new head per episode on frozen features, ``steps`` GD steps.
-
-        Returns:
-            ``(loss (B,), accuracy (B,), accuracy_per_step (B, steps + 1) or None)``.
-        """
-        return self.linear_head_forward(
+    ) -> tuple[Tensor, Tensor | None]:
+        """Evaluation: a new head per episode on frozen features, ``steps`` GD steps;
+        query logits (B, NQ, N) and the accuracy after t = 0..steps steps when ``per_step``."""
+        return self.linear_head_logits(
             batch, steps, per_step, self.eval_inner_lr, detach_features=True, l2=self.eval_l2
         )
 

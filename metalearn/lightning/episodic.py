@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import hydra.utils
 import pytorch_lightning as pl
@@ -17,15 +17,16 @@ from metalearn.bilevel import fit_linear_heads, head_logits
 from metalearn.bilevel.heads import LearningRate
 from metalearn.data.episodes import EpisodeBatch
 from metalearn.errors import ConfigError, MetalearnError
+from metalearn.models.normalization import (
+    BatchStats,
+    build_backbone,
+    check_batch_stats,
+    embed_episodes,
+    protocol_of,
+)
 from metalearn.reports import mean_ci95
 
 __all__ = ["EpisodicModule", "BatchStats", "InverseTimeDecay", "TrainingDiverged", "plain"]
-
-#: How BatchNorm statistics are grouped in the backbone pass (``norm="batch"`` backbones):
-#: ``"episode"``: per episode over its support and query images together (one pass);
-#: ``"split"``: per episode, support and query separately (two passes; the paper's code);
-#: ``"meta_batch"``: over all images of the meta-batch at once (one pass).
-BatchStats = Literal["episode", "split", "meta_batch"]
 
 
 class TrainingDiverged(MetalearnError, FloatingPointError):
@@ -69,7 +70,8 @@ class EpisodicModule(pl.LightningModule):
 
     Args:
         backbone: Hydra config (``_target_``) of the representation network.
-        batch_stats: grouping of BatchNorm statistics, see :data:`BatchStats`.
+        batch_stats: where BatchNorm takes its statistics, and so the evaluation protocol
+            (transductive or inductive), see :data:`~metalearn.models.BatchStats`.
         optimizer: Hydra config of the optimizer, ``_partial_: true`` (params bound here).
         lr_decay: inverse-time decay of the learning rate per step (0: constant).
         nonfinite: when the training loss is inf or NaN: ``"raise"`` stops training with
@@ -87,11 +89,8 @@ class EpisodicModule(pl.LightningModule):
         super().__init__()
         if nonfinite not in ("raise", "skip"):
             raise ConfigError(f"model.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        if batch_stats not in ("episode", "split", "meta_batch"):
-            raise ConfigError(
-                f"model.batch_stats must be one of episode, split, meta_batch, got {batch_stats!r}"
-            )
-        self.backbone: nn.Module = hydra.utils.instantiate(plain(backbone))
+        check_batch_stats(batch_stats)
+        self.backbone: nn.Module = build_backbone(plain(backbone), batch_stats)
         self.batch_stats, self.nonfinite = batch_stats, nonfinite
         self.optimizer_config = plain(optimizer) or {
             "_target_": "torch.optim.Adam",
@@ -109,15 +108,15 @@ class EpisodicModule(pl.LightningModule):
         self.last_eval: dict[str, Any] = {}
 
     # -- to implement -------------------------------------------------------------------
-    def episode_forward(
+    def episode_logits(
         self, batch: EpisodeBatch, steps: int, per_step: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Query loss and accuracy of every episode of the meta-batch.
+    ) -> tuple[Tensor, Tensor | None]:
+        """Query logits of every episode of the meta-batch after ``steps`` inner steps.
 
         Returns:
-            ``(loss (B,), accuracy (B,), accuracy_per_step)``: the last is (B, steps + 1),
-            the query accuracy after t = 0..steps inner steps, when ``per_step`` is set,
-            else None.
+            ``(logits (B, NQ, N), accuracy_per_step)``: the second is (B, steps + 1), the
+            query accuracy after t = 0..steps inner steps, when ``per_step`` is set, else
+            None.
         """
         raise NotImplementedError
 
@@ -131,7 +130,20 @@ class EpisodicModule(pl.LightningModule):
         return "lower the learning rates, or set model.nonfinite=skip"
 
     # -- shared pieces ------------------------------------------------------------------
-    def linear_head_forward(
+    def episode_forward(
+        self, batch: EpisodeBatch, steps: int, per_step: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Query loss and accuracy of every episode of the meta-batch.
+
+        Returns:
+            ``(loss (B,), accuracy (B,), accuracy_per_step)``: the last as in
+            :meth:`episode_logits`.
+        """
+        logits, curve = self.episode_logits(batch, steps, per_step)
+        loss, accuracy = query_metrics(logits, batch.query_labels)
+        return loss, accuracy, curve
+
+    def linear_head_logits(
         self,
         batch: EpisodeBatch,
         steps: int,
@@ -140,7 +152,7 @@ class EpisodicModule(pl.LightningModule):
         center_features: bool = False,
         detach_features: bool = False,
         **solver: Any,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None]:
         """Embed the episodes, fit a linear head per episode on its support features by
         ``steps`` steps of :func:`~metalearn.bilevel.fit_linear_heads` (``solver``: its
         other arguments), score the query set.
@@ -149,7 +161,7 @@ class EpisodicModule(pl.LightningModule):
         and query features first; ``detach_features`` fits on frozen features.
 
         Returns:
-            ``(loss (B,), accuracy (B,), accuracy_per_step (B, steps + 1) or None)``.
+            ``(logits (B, NQ, N), accuracy_per_step (B, steps + 1) or None)``.
         """
         support_features, query_features = self.embed(batch.support, batch.query)
         if detach_features:
@@ -172,27 +184,24 @@ class EpisodicModule(pl.LightningModule):
             callback=track if per_step else None,
             **solver,
         )
-        loss, accuracy = query_metrics(
-            head_logits(query_features, weight, bias), batch.query_labels
-        )
-        return loss, accuracy, torch.stack(curve, dim=1) if per_step else None
+        logits = head_logits(query_features, weight, bias)
+        return logits, torch.stack(curve, dim=1) if per_step else None
+
+    @property
+    def protocol(self) -> str:
+        """``"transductive"`` or ``"inductive"``: what ``batch_stats`` makes the evaluation."""
+        return protocol_of(self.batch_stats)
 
     def embed(self, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
         """Backbone features of support (B, NK, ...) and query (B, NQ, ...) images.
 
         uint8 images are scaled to [0, 1] here, on the model's device and in the
-        parameters' dtype, one meta-batch at a time. Returns (B, NK, d) and (B, NQ, d).
+        parameters' dtype, one meta-batch at a time; BatchNorm statistics as
+        ``batch_stats`` says (:func:`~metalearn.models.embed_episodes`). Returns
+        (B, NK, d) and (B, NQ, d).
         """
         support, query = self._to_float(support), self._to_float(query)
-        stats = self.batch_stats
-        if stats == "split":
-            return self.backbone(support), self.backbone(query)
-        images = torch.cat([support, query], dim=1)
-        if stats == "meta_batch":
-            features = self.backbone(images.flatten(0, 1)).unflatten(0, images.shape[:2])
-        else:
-            features = self.backbone(images)
-        return features.split([support.shape[1], query.shape[1]], dim=1)
+        return embed_episodes(self.backbone, support, query, self.batch_stats)
 
     def _to_float(self, images: Tensor) -> Tensor:
         """uint8 (0..255) -> the parameters' floating dtype in [0, 1]."""

@@ -113,17 +113,12 @@ class HyperRepresentation(EpisodicModule):
     def eval_steps(self) -> int:
         return self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
 
-    def episode_forward(
+    def episode_logits(
         self, batch: EpisodeBatch, steps: int, per_step: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Query loss and accuracy of every episode of the meta-batch.
-
-        Returns:
-            ``(loss (B,), accuracy (B,), accuracy_per_step)``: the last is (B, steps + 1),
-            the query accuracy of the heads after t = 0..steps inner steps, when
-            ``per_step`` is set, else None.
-        """
-        return self.linear_head_forward(
+    ) -> tuple[Tensor, Tensor | None]:
+        """Query logits (B, NQ, N) of the heads after ``steps`` inner steps, and the query
+        accuracy after t = 0..steps steps (B, steps + 1) when ``per_step``."""
+        return self.linear_head_logits(
             batch,
             steps,
             per_step,

@@ -17,10 +17,12 @@ __all__ = [
 ]
 
 #: ``"batch"``: always normalize with the statistics of the current batch (train and eval),
-#: per episode when the input has an episode dimension (see :class:`ConvBackbone`). This is
-#: the paper's choice (its code keeps no running statistics). ``"running"``: conventional
-#: BatchNorm, batch statistics in training and running averages in ``eval()`` mode, so an
-#: image's features do not depend on the other images of the batch.
+#: per episode when the input has an episode dimension (see :class:`ConvBackbone`), or of
+#: its first ``support_size`` images only. This is the paper's choice (its code keeps no
+#: running statistics). ``"running"``: conventional BatchNorm, batch statistics in training
+#: and running averages in ``eval()`` mode, so an image's features do not depend on the
+#: other images of the batch. Learners set it from ``model.batch_stats``
+#: (:data:`metalearn.models.BatchStats`), the one user-facing setting.
 NormMode = Literal["batch", "running"]
 
 
@@ -92,9 +94,17 @@ class EpisodeBatchNorm2d(nn.Module):
             self.running_mean: Tensor | None = None
             self.running_var: Tensor | None = None
 
-    def forward(self, x: Tensor, groups: int = 1) -> Tensor:
-        """Normalize (M * G, C, H, W); with ``mode="batch"`` statistics are per group."""
+    def forward(self, x: Tensor, groups: int = 1, support_size: int | None = None) -> Tensor:
+        """Normalize (M * G, C, H, W); with ``mode="batch"`` statistics are per group.
+
+        ``support_size`` (``mode="batch"`` only; ignored with running statistics): the
+        statistics of each group are taken from its first ``support_size`` examples (rows
+        ``m * G + g`` with m < support_size: the support set) and applied to all M, so an
+        example after them does not influence any other example's output.
+        """
         scale: Tensor = self.weight if self.weight is not None else self.unit_scale
+        if support_size is not None and self.mode == "batch":
+            return self._support_normalize(x, groups, support_size, scale)
         if self.mode == "running" or groups == 1:
             return F.batch_norm(
                 x,
@@ -118,6 +128,22 @@ class EpisodeBatchNorm2d(nn.Module):
         )
         return out.view(rows, channels, height, width)
 
+    def _support_normalize(
+        self, x: Tensor, groups: int, support_size: int, scale: Tensor
+    ) -> Tensor:
+        rows, channels, height, width = x.shape
+        per_group = rows // groups
+        if not 1 <= support_size <= per_group:
+            raise ValueError(
+                f"support_size must be in [1, {per_group}] (examples per group), got {support_size}"
+            )
+        view = x.view(per_group, groups * channels, height, width)
+        var, mean = torch.var_mean(view[:support_size], dim=(0, 2, 3), correction=0)
+        factor = torch.rsqrt(var + self.eps) * scale.repeat(groups)
+        shift = self.bias.repeat(groups) - mean * factor
+        out = view * factor[:, None, None] + shift[:, None, None]
+        return out.view(rows, channels, height, width)
+
     def extra_repr(self) -> str:
         return f"{self.channels}, scale={self.weight is not None}, mode={self.mode}"
 
@@ -133,8 +159,8 @@ class ConvBlock(nn.Module):
         self.norm = EpisodeBatchNorm2d(cout, scale=bn_scale, mode=norm)
         self.pool = pool
 
-    def forward(self, x: Tensor, groups: int = 1) -> Tensor:
-        x = F.relu(self.norm(self.conv(x), groups))
+    def forward(self, x: Tensor, groups: int = 1, support_size: int | None = None) -> Tensor:
+        x = F.relu(self.norm(self.conv(x), groups, support_size))
         return F.max_pool2d(x, 2) if self.pool else x
 
 
@@ -195,8 +221,12 @@ class ConvBackbone(nn.Module):
             raise ValueError(f"image_size {image_size} is too small for {depth} blocks")
         self.feature_dim = channels * side * side
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Map (N, C, H, W) to (N, d), or (G, M, C, H, W) to (G, M, d) (per-episode BN)."""
+    def forward(self, images: Tensor, support_size: int | None = None) -> Tensor:
+        """Map (N, C, H, W) to (N, d), or (G, M, C, H, W) to (G, M, d) (per-episode BN).
+
+        ``support_size``: take every BatchNorm's statistics from the first
+        ``support_size`` images (of each episode) only, see :class:`EpisodeBatchNorm2d`.
+        """
         x, groups = to_example_major(images)
         if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(
@@ -204,5 +234,5 @@ class ConvBackbone(nn.Module):
                 f"got {tuple(x.shape[1:])}"
             )
         for block in self.blocks:
-            x = block(x, groups)
+            x = block(x, groups, support_size)
         return from_example_major(x.flatten(1), groups, images.dim() == 5)

@@ -56,14 +56,14 @@ class ResidualBlock(nn.Module):
         self.shortcut_norm = EpisodeBatchNorm2d(cout, scale=bn_scale, mode=norm)
         self.negative_slope = negative_slope
 
-    def forward(self, x: Tensor, groups: int = 1) -> Tensor:
+    def forward(self, x: Tensor, groups: int = 1, support_size: int | None = None) -> Tensor:
         """(M * G, cin, H, W) in example-major order -> (M * G, cout, H // 2, W // 2)."""
         h = x
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-            h = norm(conv(h), groups)
+            h = norm(conv(h), groups, support_size)
             if i < 2:
                 h = F.leaky_relu(h, self.negative_slope, inplace=True)
-        h = h + self.shortcut_norm(self.shortcut(x), groups)
+        h = h + self.shortcut_norm(self.shortcut(x), groups, support_size)
         return F.max_pool2d(F.leaky_relu(h, self.negative_slope, inplace=True), 2)
 
 
@@ -149,12 +149,16 @@ class ResidualBackbone(nn.Module):
                 f"{self.min_side}, got {shape}"
             )
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Map (N, C, H, W) to (N, d), or (G, M, C, H, W) to (G, M, d) (per-episode BN)."""
+    def forward(self, images: Tensor, support_size: int | None = None) -> Tensor:
+        """Map (N, C, H, W) to (N, d), or (G, M, C, H, W) to (G, M, d) (per-episode BN).
+
+        ``support_size``: BatchNorm statistics from the first ``support_size`` images (of
+        each episode) only, see :class:`~metalearn.models.EpisodeBatchNorm2d`.
+        """
         x, groups = to_example_major(images)
         self._check(tuple(x.shape[1:]))
         for block in self.blocks:
-            x = block(x, groups)
+            x = block(x, groups, support_size)
         if self.expand is not None and self.project is not None:
             x = F.relu(self.expand(x), inplace=True)
             x = self.project(F.adaptive_avg_pool2d(x, 1))

@@ -1,0 +1,154 @@
+"""Where BatchNorm statistics come from (``model.batch_stats``), and the evaluation protocol it implies."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import hydra.utils
+import torch
+from torch import Tensor, nn
+
+from metalearn.errors import ConfigError
+
+__all__ = [
+    "BatchStats",
+    "BATCH_STATS",
+    "Protocol",
+    "protocol_of",
+    "build_backbone",
+    "embed_episodes",
+    "Representation",
+]
+
+#: Where every BatchNorm layer of the backbone takes its statistics, in training and at
+#: validation / test alike (the one setting for normalization, ``model.batch_stats``):
+#:
+#: * ``"episode"`` (transductive): per episode, over its support and query images together.
+#: * ``"split"`` (transductive): per episode, support and query images separately (two
+#:   passes; the paper's code and MAML's).
+#: * ``"meta_batch"`` (transductive): over all images of the meta-batch at once.
+#: * ``"support"`` (inductive): per episode, over its support images only, applied to the
+#:   support and the query images (per layer and channel: mean and variance over the support
+#:   images and positions).
+#: * ``"running"`` (inductive): conventional BatchNorm: statistics of the whole meta-batch in
+#:   training, running averages accumulated in training at validation / test (``eval()``).
+#:
+#: Transductive: a query image's features depend on the other query images of its episode.
+#: Inductive: a query is classified from the support set and the model alone.
+BatchStats = Literal["episode", "split", "meta_batch", "support", "running"]
+
+#: The protocol of each :data:`BatchStats` value.
+BATCH_STATS: dict[str, str] = {
+    "episode": "transductive",
+    "split": "transductive",
+    "meta_batch": "transductive",
+    "support": "inductive",
+    "running": "inductive",
+}
+
+Protocol = Literal["transductive", "inductive"]
+
+
+def protocol_of(batch_stats: str) -> str:
+    """``"transductive"`` or ``"inductive"`` (see :data:`BatchStats`)."""
+    check_batch_stats(batch_stats)
+    return BATCH_STATS[batch_stats]
+
+
+def check_batch_stats(batch_stats: Any, allowed: tuple[str, ...] = tuple(BATCH_STATS)) -> None:
+    """Raise :class:`ConfigError` unless ``batch_stats`` is one of ``allowed``."""
+    if batch_stats not in allowed:
+        choices = ", ".join(f"{name} ({BATCH_STATS[name]})" for name in allowed)
+        raise ConfigError(f"model.batch_stats must be one of {choices}; got {batch_stats!r}")
+
+
+def build_backbone(config: Mapping[str, Any], batch_stats: str) -> nn.Module:
+    """Instantiate the backbone config (``_target_``) for a :data:`BatchStats` setting.
+
+    The backbone's BatchNorm mode follows from ``batch_stats`` (``norm="running"`` for
+    ``"running"``, the default batch statistics otherwise), so a backbone config never sets
+    ``norm`` itself.
+    """
+    check_batch_stats(batch_stats)
+    if "norm" in config:
+        raise ConfigError(
+            "model.backbone.norm is set by model.batch_stats (running: conventional BatchNorm "
+            "with running averages; support, episode, split, meta_batch: batch statistics); "
+            "remove model.backbone.norm"
+        )
+    extra = {"norm": "running"} if batch_stats == "running" else {}
+    backbone: nn.Module = hydra.utils.instantiate(dict(config), **extra)
+    if (
+        batch_stats == "support"
+        and "support_size" not in inspect.signature(backbone.forward).parameters
+    ):
+        raise ConfigError(
+            f"model.batch_stats=support needs a backbone whose forward takes support_size "
+            f"(the number of leading images that give the BatchNorm statistics); "
+            f"{type(backbone).__name__}.forward does not"
+        )
+    return backbone
+
+
+def embed_episodes(
+    backbone: nn.Module, support: Tensor, query: Tensor, batch_stats: str
+) -> tuple[Tensor, Tensor]:
+    """Backbone features of B episodes' support (B, S, ...) and query (B, Q, ...) images,
+    with the BatchNorm statistics of ``batch_stats`` (:data:`BatchStats`).
+
+    Returns:
+        ``(support features (B, S, d), query features (B, Q, d))``.
+    """
+    if batch_stats == "split":
+        return backbone(support), backbone(query)
+    images = torch.cat([support, query], dim=1)
+    if batch_stats == "meta_batch":
+        features = backbone(images.flatten(0, 1)).unflatten(0, images.shape[:2])
+    elif batch_stats == "support":
+        features = backbone(images, support_size=support.shape[1])
+    else:  # episode; running (the backbone ignores the grouping)
+        features = backbone(images)
+    return features.split([support.shape[1], query.shape[1]], dim=1)
+
+
+class Representation(nn.Module):
+    """A trained representation h_λ as a deployed few-shot classifier uses it.
+
+    ``forward(images, support=None)`` maps (M, C, H, W) float images to (M, d) features,
+    normalizing every BatchNorm layer as the model was trained (``batch_stats``):
+
+    * ``"support"`` (inductive): with the statistics of ``support`` (the episode's support
+      images, (S, C, H, W)); of ``images`` themselves when ``support`` is None. A query
+      embedded alone gets exactly the features it gets in a batch with the same support.
+    * ``"running"`` (inductive): with the running averages; ``support`` is ignored, and
+      every image's features depend on that image only.
+    * ``"episode"``, ``"meta_batch"`` (transductive): with the statistics of ``support`` and
+      ``images`` together (``images`` alone when ``support`` is None). An image's features
+      depend on the other images of the call: embed a whole episode at once.
+    * ``"split"`` (transductive): with the statistics of ``images`` (``support`` is
+      ignored). An image embedded alone gets different features than in its query set.
+
+    Attributes:
+        backbone: the network.
+        batch_stats: the setting above.
+        protocol: ``"inductive"`` or ``"transductive"``.
+    """
+
+    def __init__(self, backbone: nn.Module, batch_stats: str) -> None:
+        super().__init__()
+        check_batch_stats(batch_stats)
+        self.backbone, self.batch_stats = backbone, batch_stats
+        self.protocol = protocol_of(batch_stats)
+        self.feature_dim = getattr(backbone, "feature_dim", None)
+
+    def forward(self, images: Tensor, support: Tensor | None = None) -> Tensor:
+        """(M, C, H, W) images -> (M, d) features; ``support``: (S, C, H, W) or None."""
+        if support is None or self.batch_stats in ("split", "running"):
+            return self.backbone(images)
+        _, features = embed_episodes(self.backbone, support[None], images[None], self.batch_stats)
+        return features[0]
+
+    def extra_repr(self) -> str:
+        return f"batch_stats={self.batch_stats!r} ({self.protocol})"
