@@ -196,6 +196,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
             result = _test_result(trainer, model, datamodule, model.eval_steps, best)
             write_json(result, cfg.output_file)
+            _wandb_summary(loggers, result)
             print(format_result(result))
             print(f"report written to {cfg.output_file}")
             metrics.update({f"test/{k}": float(result[k]) for k in ("accuracy", "ci95")})
@@ -346,11 +347,21 @@ def _log_eval_to_wandb(loggers: list[Any], results: list[dict[str, Any]], plot: 
         logger.experiment.log(
             {"eval/results": table, "eval/accuracy_vs_steps": wandb.Image(str(plot))}
         )
-        logger.experiment.summary.update(
-            {
-                "test/acc": results[0]["accuracy"],
-                "test/ci95": results[0]["ci95"],
-                "test/protocol": results[0]["protocol"],
-                "test/disjoint": results[0]["disjoint"],
-            }
-        )
+    _wandb_summary(loggers, results[0])
+
+
+def _wandb_summary(loggers: list[Any], result: Mapping[str, Any]) -> None:
+    """The test accuracy and the protocol it was measured under, in each wandb run's summary."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(
+                {
+                    "test/acc": result["accuracy"],
+                    "test/ci95": result["ci95"],
+                    "test/protocol": result["protocol"],
+                    "test/batch_stats": result["batch_stats"],
+                    "test/disjoint": result["disjoint"],
+                }
+            )

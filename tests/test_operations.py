@@ -17,6 +17,7 @@ from conftest import REPO, compose_config
 from recorder import read_records as read_episode_records
 from wandb_records import logged_keys, wait_until_written
 
+from metalearn.models import BATCH_STATS
 from metalearn.checkpoint import read_checkpoint
 from metalearn.lightning import AtomicCheckpointIO
 from metalearn.pipeline import train
@@ -344,8 +345,15 @@ def test_evaluate_several_settings(single_process_run, tmp_path, data_dir, real_
         (w, s, t) for w in (5, 20) for s in (1, 5) for t in (1, 5, 8)
     }
     assert all(r["episodes"] == 6 and len(r["accuracy_per_step"]) == 9 for r in rows)
+    stats = read_checkpoint(single / "checkpoints" / "last.ckpt")["hyper_parameters"]["batch_stats"]
+    protocol = BATCH_STATS[stats]
+    assert all(
+        (r["protocol"], r["batch_stats"], r["disjoint"]) == (protocol, stats, True) for r in rows
+    )
+    label = f"{protocol} (batch_stats={stats}), disjoint sampler"
     table = (tmp_path / "report.md").read_text()
-    assert table.count("| 20-way 5-shot, 5 queries | 8 |") == 1
+    assert table.count(f"| 20-way 5-shot, 5 queries | {label} | 8 |") == 1
+    assert result.stdout.count(label) == 12
     assert (tmp_path / "accuracy_vs_steps.png").stat().st_size > 1000
     assert json.loads((tmp_path / "eval.json").read_text())["results"] == rows
     assert result.stdout.count("test accuracy") == 12
@@ -369,7 +377,13 @@ def test_wandb_offline_run_records_the_metrics(tmp_path, data_dir, real_cache_di
     history, summary = logged_keys(records)
     for key in ("train/loss", "train/acc", "train/inner_lr", "val/acc", "val/acc_best", "val/ci95"):
         assert key in history, sorted(history)
-    assert {"test/acc", "test/ci95"} <= summary
+    assert {
+        "test/acc",
+        "test/ci95",
+        "test/protocol",
+        "test/batch_stats",
+        "test/disjoint",
+    } <= summary
     # The per-inner-step accuracy: a line chart backed by a table, at each validation.
     assert "val/acc_vs_inner_step_table/_type" in history
     tables = sorted((run / "files" / "media" / "table" / "val").glob("*.table.json"))
@@ -378,6 +392,7 @@ def test_wandb_offline_run_records_the_metrics(tmp_path, data_dir, real_cache_di
     assert table["columns"] == ["inner_step", "query_accuracy"] and len(table["data"]) == 6
     config = [r for r in wait_until_written(records) if r.WhichOneof("record_type") == "config"]
     assert any("data" in item.key for r in config for item in r.config.update)
+    assert any(item.key == "protocol" for r in config for item in r.config.update)
 
 
 def test_training_continues_when_wandb_cannot_start(

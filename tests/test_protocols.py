@@ -176,6 +176,11 @@ def test_the_backbone_norm_is_set_by_batch_stats_only():
     }
     with pytest.raises(ConfigError, match="model.backbone.norm is set by model.batch_stats"):
         HyperRepresentation({**BACKBONES["conv4_omniglot"], "norm": "running"})
+    with pytest.raises(ConfigError, match="'running' needs norm 'running'"):
+        HyperRepresentation({**BACKBONES["conv4_omniglot"], "norm": "batch"}, batch_stats="running")
+    # A backbone config that agrees (older checkpoints' form) builds the same network.
+    agreeing = HyperRepresentation({**BACKBONES["conv4_omniglot"], "norm": "batch"})
+    assert agreeing.backbone.blocks[0].norm.mode == "batch"
 
 
 def test_support_statistics_are_the_batchnorm_of_the_support_set():

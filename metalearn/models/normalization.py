@@ -68,18 +68,22 @@ def build_backbone(config: Mapping[str, Any], batch_stats: str) -> nn.Module:
     """Instantiate the backbone config (``_target_``) for a :data:`BatchStats` setting.
 
     The backbone's BatchNorm mode follows from ``batch_stats`` (``norm="running"`` for
-    ``"running"``, the default batch statistics otherwise), so a backbone config never sets
-    ``norm`` itself.
+    ``"running"``, the default batch statistics otherwise), so a backbone config does not
+    set ``norm``; one that does (checkpoints written before ``batch_stats`` held both) must
+    agree with ``batch_stats``.
     """
     check_batch_stats(batch_stats)
-    if "norm" in config:
+    config = dict(config)
+    norm = "running" if batch_stats == "running" else "batch"
+    if config.pop("norm", norm) != norm:
         raise ConfigError(
-            "model.backbone.norm is set by model.batch_stats (running: conventional BatchNorm "
-            "with running averages; support, episode, split, meta_batch: batch statistics); "
-            "remove model.backbone.norm"
+            f"model.backbone.norm is set by model.batch_stats (running: conventional "
+            f"BatchNorm with running averages; support, episode, split, meta_batch: batch "
+            f"statistics), and {batch_stats!r} needs norm {norm!r}: remove "
+            f"model.backbone.norm"
         )
     extra = {"norm": "running"} if batch_stats == "running" else {}
-    backbone: nn.Module = hydra.utils.instantiate(dict(config), **extra)
+    backbone: nn.Module = hydra.utils.instantiate(config, **extra)
     if (
         batch_stats == "support"
         and "support_size" not in inspect.signature(backbone.forward).parameters
