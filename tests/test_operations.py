@@ -17,9 +17,9 @@ from conftest import REPO, compose_config
 from recorder import read_records as read_episode_records
 from wandb_records import logged_keys, wait_until_written
 
-from metalearn.models import BATCH_STATS
 from metalearn.checkpoint import read_checkpoint
 from metalearn.lightning import AtomicCheckpointIO
+from metalearn.models import BATCH_STATS
 from metalearn.pipeline import train
 
 # A tiny but real training run: 5-way 1-shot, meta-batch 4, a few steps.
