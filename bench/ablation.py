@@ -9,6 +9,9 @@ accuracy, inner lr, steps, wall seconds) and printed as a markdown table at the 
     python bench/ablation.py --suite omniglot_5w1s --only base inner_lr_1 --steps 2000
     python bench/ablation.py --suite baselines --experiment omniglot_5w5s \
         --out bench/results/baselines.jsonl
+    python bench/ablation.py --suite protocols --out bench/results/protocols.jsonl
+    python bench/ablation.py --collect support_10k=logs/repro/omniglot_5w1s_support \
+        --hardware "2 CPU threads" --out bench/results/protocols.jsonl
 """
 
 from __future__ import annotations
@@ -70,6 +73,14 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "classical": ["algorithm=classical"],
         "classical_J200": ["algorithm=classical", "model.pool_episodes=200"],
     },
+    # One experiment under each normalization (README, "Protocols"); split is the default of
+    # omniglot_5w1s.
+    "protocols": {
+        "split": ["model.batch_stats=split"],
+        "episode": ["model.batch_stats=episode"],
+        "support": ["model.batch_stats=support"],
+        "running": ["model.batch_stats=running"],
+    },
 }
 
 # Per-suite defaults of the options below (an option given on the command line wins).
@@ -89,6 +100,13 @@ SUITE_DEFAULTS: dict[str, dict[str, object]] = {
         "steps": 1000,
         "val_every": 500,
         "val_episodes": 200,
+    },
+    "protocols": {
+        "experiment": "omniglot_5w1s",
+        "base": [],
+        "steps": 2000,
+        "val_every": 1000,
+        "val_episodes": 600,
     },
 }
 
@@ -128,19 +146,50 @@ def run(name: str, overrides: list[str], args: argparse.Namespace, out_root: Pat
     if result.returncode != 0:
         record["error"] = result.stderr[-2000:]
         return record
+    record.update(read_run(run_dir))
+    return record
+
+
+def read_run(run_dir: Path) -> dict:
+    """The measured part of a record, from a finished run folder (its eval.json and CSV
+    log): also for runs trained outside this script, e.g. resumed across sessions."""
     report = json.loads((run_dir / "eval.json").read_text())
     with open(run_dir / "csv" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
-    record.update(
-        test_acc=report["accuracy"],
-        test_ci95=report["ci95"],
-        episodes=report["episodes"],
-        val_acc_best=last_value(rows, "val/acc_best"),
-        train_acc_last=last_value(rows, "train/acc"),
-        inner_lr_last=last_value(rows, "train/inner_lr"),
-        run_dir=str(run_dir),
-    )
-    return record
+    return {
+        "test_acc": report["accuracy"],
+        "test_ci95": report["ci95"],
+        "episodes": report["episodes"],
+        "protocol": report.get("protocol"),
+        "batch_stats": report.get("batch_stats"),
+        "disjoint": report.get("disjoint"),
+        "best_checkpoint": Path(report["checkpoint"]).name if report.get("checkpoint") else None,
+        "val_acc": [
+            [int(r["step"]), round(float(r["val/acc"]), 6)] for r in rows if r.get("val/acc")
+        ],
+        "val_acc_best": last_value(rows, "val/acc_best"),
+        "train_acc_last": last_value(rows, "train/acc"),
+        "inner_lr_last": last_value(rows, "train/inner_lr"),
+        "steps_done": max((int(r["step"]) for r in rows if r.get("step")), default=0) + 1,
+        "run_dir": str(run_dir),
+    }
+
+
+def collect(specs: list[str], hardware: str, out: Path) -> None:
+    """Append one record per ``NAME=RUN_DIR`` (its overrides from .hydra/overrides.yaml)."""
+    for spec in specs:
+        name, _, folder = spec.partition("=")
+        run_dir = Path(folder)
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
+        overrides = [
+            line[2:].strip()
+            for line in overrides_file.read_text().splitlines()
+            if line.startswith("- ")
+        ]
+        record = {"name": name, "overrides": overrides, "hardware": hardware, **read_run(run_dir)}
+        with out.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
 
 
 def table(records: list[dict]) -> str:
@@ -178,7 +227,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "ablation.jsonl"))
     parser.add_argument("--runs-dir", default=str(REPO / "logs" / "ablation"))
+    parser.add_argument(
+        "--collect",
+        nargs="*",
+        metavar="NAME=RUN_DIR",
+        help="append records of finished run folders (e.g. long runs resumed across "
+        "sessions) instead of training",
+    )
+    parser.add_argument("--hardware", default="", help="with --collect: where the runs trained")
     args = parser.parse_args()
+    if args.collect:
+        collect(args.collect, args.hardware, Path(args.out))
+        return
     for key, value in SUITE_DEFAULTS[args.suite].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -8,7 +8,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra.utils
 import pytorch_lightning as pl
@@ -22,7 +22,9 @@ from metalearn.checkpoint import (
 )
 from metalearn.data.datamodule import EpisodicDataModule
 from metalearn.errors import ConfigError
-from metalearn.lightning import EpisodicModule
+from metalearn.lightning import MAML, EpisodicModule
+from metalearn.lightning.baselines import MAML_BATCH_STATS
+from metalearn.models import BatchStats
 from metalearn.reports import (
     format_result,
     markdown_table,
@@ -233,6 +235,32 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> EpisodicModule:
     return model
 
 
+def _set_test_batch_stats(model: EpisodicModule, batch_stats: str | None) -> None:
+    """Evaluate under another normalization than the checkpoint's (``batch_stats=...``).
+
+    Any setting with batch statistics can replace another (no parameter changes), so a
+    transductively trained model can be tested inductively with ``support``; running
+    averages exist only in a model trained with ``running``.
+    """
+    if batch_stats is None or batch_stats == model.batch_stats:
+        return
+    allowed = (
+        MAML_BATCH_STATS
+        if isinstance(model, MAML)
+        else ("episode", "split", "meta_batch", "support")
+    )
+    if model.batch_stats == "running" or batch_stats not in allowed:
+        raise ConfigError(
+            f"batch_stats={batch_stats}: the checkpoint holds running averages (trained with "
+            f"running); leave batch_stats null"
+            if model.batch_stats == "running"
+            else f"batch_stats={batch_stats} is not possible for this checkpoint "
+            f"({type(model).__name__}, trained with {model.batch_stats}): choose one of "
+            f"{', '.join(allowed)} (running averages exist only in a model trained with running)"
+        )
+    model.batch_stats = cast(BatchStats, batch_stats)
+
+
 def _evaluation_data_config(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The DataModule config for evaluating ``checkpoint``: the data set, split and
     preprocessing it was trained with (its saved DataModule hyperparameters and class),
@@ -269,6 +297,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = str(cfg.ckpt_path)
     checkpoint = read_checkpoint(ckpt_path)
     model = model_from_checkpoint(checkpoint)
+    _set_test_batch_stats(model, cfg.get("batch_stats"))
 
     data_cfg = _evaluation_data_config(cfg, checkpoint)
     ways_list = _as_list(cfg.get("ways")) or [data_cfg["ways"]]

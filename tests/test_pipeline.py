@@ -205,3 +205,32 @@ def test_inductive_settings_train_and_evaluate_end_to_end(
     assert evaluated["protocol"] == "inductive" and evaluated["batch_stats"] == batch_stats
     assert evaluated["accuracy"] == pytest.approx(report["accuracy"], abs=1e-6)
     assert label in (evaluation / "report.md").read_text() and label in result.stdout
+    if batch_stats == "support":
+        # The same checkpoint under a transductive protocol, chosen at test time.
+        result = run_cli(
+            "evaluate.py",
+            [
+                f"ckpt_path={ckpt}",
+                "episodes=20",
+                "batch_stats=episode",
+                f"hydra.run.dir={tmp_path / 'episode'}",
+            ],
+            data_dir,
+            real_cache_dir,
+            tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        switched = json.loads((tmp_path / "episode" / "eval.json").read_text())
+        assert (switched["protocol"], switched["batch_stats"]) == ("transductive", "episode")
+    # Running averages exist only in a model trained with them: one line, exit 2.
+    other = "support" if batch_stats == "running" else "running"
+    result = run_cli(
+        "evaluate.py",
+        [f"ckpt_path={ckpt}", f"batch_stats={other}", f"hydra.run.dir={tmp_path / 'bad'}"],
+        data_dir,
+        real_cache_dir,
+        tmp_path,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"batch_stats={other}" in errors[0], result.stderr[-2000:]
