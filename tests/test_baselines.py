@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import hydra.utils
 import pytest
 import torch
@@ -387,8 +385,5 @@ def test_protonet_learns_on_real_omniglot(tmp_path, data_dir, real_cache_dir):
         data_dir,
         real_cache_dir,
     )
-    start = time.perf_counter()
     metrics = train(cfg)
-    seconds = time.perf_counter() - start
     assert metrics["val/acc_best"] >= 0.6, metrics
-    assert seconds < 180, f"150 ProtoNet steps took {seconds:.0f} s"  # about 40 s when idle

@@ -145,6 +145,9 @@ def test_load_representation(trained_run, data_dir, tmp_path):
         (["data.ways=500"], "more than the 400 classes of the 'val' split"),
         (["data.shots=10"], "more than the 20 images per class"),
         (["model.inner_steps=0"], "inner_steps"),
+        (["model.batch_stats=batch"], "model.batch_stats must be one of episode (transductive)"),
+        (["+model.backbone.norm=running"], "model.backbone.norm is set by model.batch_stats"),
+        (["algorithm=maml", "model.batch_stats=running"], "split (transductive) or support"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, data_dir, real_cache_dir, tmp_path):
