@@ -173,9 +173,9 @@ def test_inductive_settings_train_and_evaluate_end_to_end(
             f"model.batch_stats={batch_stats}",
             "data.train_ways=null",
             "trainer.max_steps=120",
-            "trainer.val_check_interval=60",
+            "trainer.val_check_interval=120",
             "data.val_episodes=50",
-            "data.test_episodes=100",
+            "data.test_episodes=60",
             "logger=none",
             f"hydra.run.dir={run}",
         ],
@@ -198,7 +198,7 @@ def test_inductive_settings_train_and_evaluate_end_to_end(
     evaluation = tmp_path / "eval"
     result = run_cli(
         "evaluate.py",
-        [f"ckpt_path={ckpt}", "episodes=100", f"hydra.run.dir={evaluation}"],
+        [f"ckpt_path={ckpt}", "episodes=60", f"hydra.run.dir={evaluation}"],
         data_dir,
         real_cache_dir,
         tmp_path,
