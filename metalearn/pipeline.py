@@ -24,7 +24,7 @@ from metalearn.data.datamodule import EpisodicDataModule
 from metalearn.errors import ConfigError
 from metalearn.lightning import MAML, EpisodicModule
 from metalearn.lightning.baselines import MAML_BATCH_STATS
-from metalearn.models import BatchStats
+from metalearn.models import BATCH_STATS, BatchStats
 from metalearn.reports import (
     format_result,
     markdown_table,
@@ -244,11 +244,8 @@ def _set_test_batch_stats(model: EpisodicModule, batch_stats: str | None) -> Non
     """
     if batch_stats is None or batch_stats == model.batch_stats:
         return
-    allowed = (
-        MAML_BATCH_STATS
-        if isinstance(model, MAML)
-        else ("episode", "split", "meta_batch", "support")
-    )
+    with_batch_statistics = tuple(name for name in BATCH_STATS if name != "running")
+    allowed = MAML_BATCH_STATS if isinstance(model, MAML) else with_batch_statistics
     if model.batch_stats == "running" or batch_stats not in allowed:
         raise ConfigError(
             f"batch_stats={batch_stats}: the checkpoint holds running averages (trained with "
