@@ -21,7 +21,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from metalearn.config import register_configs
     from metalearn.utils.console import check_group_choices
 
     check_group_choices(ROOT / "conf", sys.argv[1:])
+    register_configs()
     main()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,15 @@ from metalearn.models.normalization import Representation, build_backbone
 
 __all__ = [
     "read_checkpoint",
+    "check_trusted_targets",
+    "TRUSTED_TARGETS",
     "upgrade_hyper_parameters",
     "load_representation",
     "check_resumable",
     "config_differences",
     "find_last_checkpoint",
+    "run_differences",
+    "LOCAL_DATA_KEYS",
 ]
 
 
@@ -29,16 +35,64 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ConfigError: the file does not exist or is not a metalearn checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(path.glob("**/*.ckpt"))
+        hint = f" such as {inside[0]}" if inside else ""
+        raise ConfigError(f"{path} is a folder: give a checkpoint file{hint}")
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{path} is not a checkpoint (not a file written by torch.save)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConfigError(f"cannot read checkpoint {path}: {err}".replace("\n", " ")) from None
-    if "state_dict" not in checkpoint or "backbone" not in checkpoint.get("hyper_parameters", {}):
+        raise ConfigError(
+            f"cannot read checkpoint {path}: it is damaged or holds objects other than "
+            f"tensors and plain containers ({type(err).__name__})"
+        ) from None
+    if (
+        not isinstance(checkpoint, dict)
+        or "state_dict" not in checkpoint
+        or not isinstance(checkpoint.get("hyper_parameters"), dict)
+        or "backbone" not in checkpoint["hyper_parameters"]
+    ):
         raise ConfigError(f"{path} is not a metalearn training checkpoint (no backbone config)")
+    check_trusted_targets(checkpoint, path)
     checkpoint["hyper_parameters"] = upgrade_hyper_parameters(checkpoint["hyper_parameters"])
     return checkpoint
+
+
+#: Modules whose classes a checkpoint may name as ``_target_`` (the model, its backbone,
+#: optimizer and DataModule); METALEARN_TRUSTED_TARGETS adds comma-separated prefixes.
+TRUSTED_TARGETS = ("metalearn.", "torch.optim.")
+
+
+def _targets(value: Any) -> list[str]:
+    """Every ``_target_`` / ``target`` string anywhere in a checkpoint's records."""
+    if isinstance(value, Mapping):
+        found = [str(v) for k, v in value.items() if k in ("_target_", "target", "model_target")]
+        return found + [t for k, v in value.items() if k != "state_dict" for t in _targets(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _targets(item)]
+    return []
+
+
+def check_trusted_targets(checkpoint: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint that names a class outside :data:`TRUSTED_TARGETS`.
+
+    Loading a checkpoint instantiates the classes its hyperparameters name; with
+    ``weights_only=True`` the tensors are safe but a ``_target_`` such as
+    ``builtins.exec`` would still run. Trust another package with
+    ``METALEARN_TRUSTED_TARGETS=mypackage.`` (comma-separated module prefixes).
+    """
+    extra = os.environ.get("METALEARN_TRUSTED_TARGETS", "")
+    trusted = TRUSTED_TARGETS + tuple(p.strip() for p in extra.split(",") if p.strip())
+    for target in _targets(checkpoint):
+        if not target.startswith(trusted):
+            raise ConfigError(
+                f"{path} names {target}, which is not a metalearn class; if you trust this "
+                f"checkpoint, allow it with METALEARN_TRUSTED_TARGETS={target.rsplit('.', 1)[0]}."
+            )
 
 
 def upgrade_hyper_parameters(hyper_parameters: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,13 +165,16 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 
 
 def config_differences(
-    trained: Mapping[str, Any], current: Mapping[str, Any], keys: Sequence[str]
+    trained: Mapping[str, Any],
+    current: Mapping[str, Any],
+    keys: Sequence[str],
+    group: str = "model",
 ) -> list[str]:
     """``"model.key: checkpoint A, config B"`` for every differing leaf under ``keys``."""
     differences = []
     for key in keys:
-        old = _flatten(trained.get(key), f"model.{key}")
-        new = _flatten(current.get(key), f"model.{key}")
+        old = _flatten(trained.get(key), f"{group}.{key}")
+        new = _flatten(current.get(key), f"{group}.{key}")
         for leaf in sorted(set(old) | set(new)):
             if old.get(leaf) != new.get(leaf):
                 differences.append(
@@ -149,9 +206,59 @@ def check_resumable(checkpoint: Mapping[str, Any], model_config: Mapping[str, An
     return config_differences(trained, model_config, others)
 
 
-def find_last_checkpoint(output_dir: str | Path, runs_dir: str | Path) -> Path:
+#: Data settings of the machine, not of the run: never compared when resuming.
+LOCAL_DATA_KEYS = (
+    "data_dir",
+    "cache_dir",
+    "split_dir",
+    "download",
+    "num_workers",
+    "device_sampling",
+)
+
+
+def _class_of(target: Any) -> Any:
+    try:
+        return hydra.utils.get_object(str(target))
+    except Exception:
+        return target
+
+
+def run_differences(
+    checkpoint: Mapping[str, Any], model_config: Mapping[str, Any], data_config: Mapping[str, Any]
+) -> list[str]:
+    """Every model and data setting in which the run that wrote ``checkpoint`` differs
+    from the given (resolved) ``model`` and ``data`` configs, as
+    ``"data.shots: checkpoint 1, config 5"``; machine paths are not compared."""
+    trained = checkpoint["hyper_parameters"]
+    model_keys = sorted({*trained, *model_config} - {"_target_", "_recursive_", "_partial_"})
+    differences = config_differences(trained, model_config, model_keys, "model")
+    data_target = next(
+        (v["target"] for v in checkpoint.values() if isinstance(v, dict) and "target" in v), None
+    )
+    configured = data_config.get("_target_", data_target)
+    if data_target is not None and _class_of(data_target) is not _class_of(configured):
+        differences.append(f"data: checkpoint {data_target}, config {data_config.get('_target_')}")
+    data_trained = checkpoint.get("datamodule_hyper_parameters") or {}
+    data_keys = sorted({*data_trained, *data_config} - {"_target_", *LOCAL_DATA_KEYS})
+    if data_trained:
+        differences += config_differences(data_trained, data_config, data_keys, "data")
+    return differences
+
+
+def find_last_checkpoint(
+    output_dir: str | Path,
+    runs_dir: str | Path,
+    differences: Callable[[Mapping[str, Any]], list[str]] | None = None,
+) -> Path:
     """Resolve ``ckpt_path=last``: this run folder's ``checkpoints/last.ckpt`` when it
-    exists, else the newest ``*/checkpoints/last.ckpt`` under ``runs_dir``."""
+    exists, else the newest ``*/checkpoints/last.ckpt`` under ``runs_dir`` whose run has
+    the same settings (``differences(checkpoint)`` empty).
+
+    Raises:
+        ConfigError: no run to resume, or none with these settings (naming the newest run
+            and how its settings differ).
+    """
     own = Path(output_dir) / "checkpoints" / "last.ckpt"
     if own.is_file():
         return own
@@ -161,4 +268,21 @@ def find_last_checkpoint(output_dir: str | Path, runs_dir: str | Path) -> Path:
             f"ckpt_path=last: no checkpoints/last.ckpt in {output_dir} or under {runs_dir}; "
             f"give the checkpoint's path instead"
         )
-    return found[-1]
+    if differences is None:
+        return found[-1]
+    newest: list[str] | None = None
+    for path in reversed(found):
+        try:
+            differing = differences(read_checkpoint(path))
+        except ConfigError:
+            continue  # unreadable: not a run to resume
+        if not differing:
+            return path
+        newest = newest if newest is not None else differing
+    shown = "; ".join((newest or ["unreadable checkpoint"])[:3])
+    more = f" (and {len(newest) - 3} more)" if newest and len(newest) > 3 else ""
+    raise ConfigError(
+        f"ckpt_path=last: no run under {runs_dir} has these settings; the newest, "
+        f"{found[-1].parent.parent.name}, differs in {shown}{more}; continue a run with "
+        f"hydra.run.dir=<its folder> ckpt_path=last, or start a new one without ckpt_path"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Mapping
@@ -18,9 +19,19 @@ from metalearn.checkpoint import (
     check_resumable,
     find_last_checkpoint,
     read_checkpoint,
+    run_differences,
     upgrade_hyper_parameters,
 )
+from metalearn.config import (
+    EVAL_DATA,
+    EvalSettings,
+    TrainSettings,
+    check_config,
+    check_target,
+    settings_of,
+)
 from metalearn.data.datamodule import EpisodicDataModule
+from metalearn.data.episodes import check_episode_geometry
 from metalearn.errors import ConfigError
 from metalearn.lightning import MAML, EpisodicModule
 from metalearn.lightning.baselines import MAML_BATCH_STATS
@@ -32,14 +43,15 @@ from metalearn.reports import (
     write_json,
 )
 from metalearn.utils.console import print_config_tree
+from metalearn.utils.files import write_text
 from metalearn.utils.loggers import CSVLogger
 
 __all__ = ["train", "evaluate"]
 
 log = logging.getLogger(__name__)
 
-#: Data settings of the evaluation machine, never taken from the checkpoint.
-_LOCAL_DATA_KEYS = ("data_dir", "cache_dir", "split_dir", "download", "num_workers")
+#: evaluate.py names the test geometry ``ways``, ``shots``, ``query_shots``.
+EVAL_KEYS = ("ways", "shots", "query_shots")
 
 
 def _instantiate_all(group: Mapping[str, Any] | None) -> list[Any]:
@@ -105,20 +117,45 @@ def _sweep_safe(trainer_cfg: DictConfig) -> DictConfig:
 
 
 def _resume_checkpoint(cfg: DictConfig) -> tuple[str, int] | None:
-    """The checkpoint to resume from (``ckpt_path``, ``last`` resolved), checked against
-    the model config, and its global step."""
+    """The checkpoint to resume from (``ckpt_path``; ``last`` resolved to this run folder's
+    or the newest run with the same model and data settings), checked against the config,
+    and its global step."""
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path:
         return None
+    model_cfg: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
+    data_cfg: dict[str, Any] = OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore[assignment]
     if ckpt_path == "last":
         runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
-        ckpt_path = str(find_last_checkpoint(cfg.paths.output_dir, runs))
+        ckpt_path = str(
+            find_last_checkpoint(
+                cfg.paths.output_dir,
+                runs,
+                lambda found: run_differences(found, model_cfg, data_cfg),
+            )
+        )
         log.info("resuming from %s", ckpt_path)
-    model_cfg: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
     checkpoint = read_checkpoint(ckpt_path)
-    for difference in check_resumable(checkpoint, model_cfg):
+    check_resumable(checkpoint, model_cfg)
+    for difference in run_differences(checkpoint, model_cfg, data_cfg):
         log.warning("resuming with a changed setting: %s", difference)
     return str(ckpt_path), int(checkpoint.get("global_step", 0))
+
+
+def _check_fresh_run_dir(cfg: DictConfig) -> None:
+    """Refuse to start training in a folder that already holds a run (its checkpoints
+    and metrics would be overwritten, a stale best checkpoint left behind)."""
+    if cfg.get("ckpt_path") or not cfg.get("train", True):
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:  # plain ddp: the ranks rank 0 launched
+        return
+    out = Path(cfg.paths.output_dir)
+    held = sorted((out / "checkpoints").glob("*.ckpt")) + sorted(out.glob("csv/**/metrics.csv"))
+    if held:
+        raise ConfigError(
+            f"{out} already holds a run ({held[0].relative_to(out)}): continue it with "
+            f"ckpt_path=last, or choose a new folder (hydra.run.dir)"
+        )
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -126,6 +163,23 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
     callback = trainer.checkpoint_callback
     path = getattr(callback, "best_model_path", "") if callback is not None else ""
     return path or None
+
+
+def _checkpoint_to_test(trainer: pl.Trainer, cfg: DictConfig, given: str | None) -> str | None:
+    """The checkpoint a training run tests: the best by meta-validation accuracy; with
+    ``train=false``, the one given as ``ckpt_path``. Never the weights of no checkpoint,
+    except in ``debug=fast_dev_run`` (a smoke test that writes no checkpoints)."""
+    if not cfg.get("train", True):
+        assert given is not None  # checked before anything ran
+        return given
+    best = _best_checkpoint(trainer)
+    if best is None and not getattr(trainer, "fast_dev_run", False):
+        raise ConfigError(
+            f"no validation ran in {trainer.global_step} steps, so there is no best "
+            f"checkpoint to test: set trainer.val_check_interval <= trainer.max_steps (and "
+            f"keep callbacks.model_checkpoint), or evaluate a checkpoint with evaluate.py"
+        )
+    return best
 
 
 def _test_result(
@@ -164,6 +218,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         The final metrics (``train/*``, ``val/*`` and, when ``cfg.test``, ``test/*``).
     """
     _quiet_known_warnings()
+    check_config(cfg, TrainSettings)
     if cfg.get("extras", {}).get("print_config"):
         print_config_tree(cfg)
     if cfg.get("seed") is not None:
@@ -175,6 +230,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         finally:
             _finish_wandb()
         return metrics
+    _check_fresh_run_dir(cfg)
+    if not cfg.get("train", True) and cfg.get("test", True) and not cfg.get("ckpt_path"):
+        raise ConfigError(
+            "train=false tests a trained model: give it as ckpt_path=PATH (or use evaluate.py)"
+        )
     datamodule: EpisodicDataModule = hydra.utils.instantiate(cfg.data)
     model: EpisodicModule = hydra.utils.instantiate(cfg.model)
     resume = _resume_checkpoint(cfg)
@@ -194,9 +254,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume[0] if resume else None)
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         if cfg.get("test", True):
-            best = _best_checkpoint(trainer)
-            trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
-            result = _test_result(trainer, model, datamodule, model.eval_steps, best)
+            tested = _checkpoint_to_test(trainer, cfg, resume[0] if resume else None)
+            trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)
+            result = _test_result(trainer, model, datamodule, model.eval_steps, tested)
             write_json(result, cfg.output_file)
             _wandb_summary(loggers, result)
             print(format_result(result))
@@ -261,24 +321,63 @@ def _set_test_batch_stats(model: EpisodicModule, batch_stats: str | None) -> Non
 def _evaluation_data_config(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The DataModule config for evaluating ``checkpoint``: the data set, split and
     preprocessing it was trained with (its saved DataModule hyperparameters and class),
-    this machine's paths from ``cfg.data``, then the explicit overrides of ``cfg``."""
-    local: dict[str, Any] = OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore[assignment]
+    this machine's paths (:data:`~metalearn.config.EVAL_DATA`, those its class takes),
+    every ``data.KEY=VALUE`` given to evaluate.py, then ``query_shots``, ``split``,
+    ``disjoint`` and ``episodes``."""
+    given: dict[str, Any] = OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore[assignment]
+    if "_target_" in given:
+        raise ConfigError(
+            "evaluate.py reads the data set from the checkpoint: leave data unset and change "
+            "single settings with data.KEY=VALUE"
+        )
     trained = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     target = next(
         (v["target"] for v in checkpoint.values() if isinstance(v, dict) and "target" in v),
-        local["_target_"],
+        None,
     )
-    if target != local["_target_"]:
-        log.info("evaluating on the checkpoint's data set %s", target)
-    data_cfg = {**(trained if trained else local), "_target_": target}
-    for key in _LOCAL_DATA_KEYS:
-        if key in local:
-            data_cfg[key] = local[key]
+    if target is None or not trained:
+        raise ConfigError(
+            f"{cfg.ckpt_path} records no data settings (it was not written by train.py): "
+            f"evaluate it from Python with a DataModule of your choice"
+        )
+    takes = settings_of(target)
+    data_cfg = {**trained, "_target_": target}
+    for key, value in given.items():
+        if key not in EVAL_DATA or key in takes:
+            data_cfg[key] = value
     for key in ("query_shots", "split", "disjoint"):
         if cfg.get(key) is not None:
             data_cfg[key] = cfg[key]
+    if "test_episodes" in given:
+        raise ConfigError("data.test_episodes: evaluate.py takes episodes=N instead")
+    if int(cfg.episodes) < 1:
+        raise ConfigError(f"episodes must be >= 1, got {cfg.episodes}")
     data_cfg["test_episodes"] = int(cfg.episodes)
+    check_target("data", data_cfg)
     return data_cfg
+
+
+def _test_datamodules(
+    data_cfg: Mapping[str, Any], ways_list: list[int], shots_list: list[int]
+) -> list[EpisodicDataModule]:
+    """One DataModule per (ways, shots), each checked against the test split before any
+    evaluation runs; the split is read once."""
+    query_shots = data_cfg["query_shots"]
+    for ways, shots in itertools.product(ways_list, shots_list):
+        check_episode_geometry(ways, shots, query_shots, EVAL_KEYS)
+    modules: list[EpisodicDataModule] = []
+    for ways, shots in itertools.product(ways_list, shots_list):
+        datamodule: EpisodicDataModule = hydra.utils.instantiate(
+            {**data_cfg, "ways": ways, "shots": shots}
+        )
+        datamodule.eval_keys = EVAL_KEYS
+        if modules:
+            datamodule.use_splits(modules[0].loaded_splits)
+        else:
+            datamodule.prepare_data()
+            datamodule.setup("test")
+        modules.append(datamodule)
+    return modules
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -291,6 +390,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     folder, ``report.json``, ``report.md`` and ``accuracy_vs_steps.png``.
     """
     _quiet_known_warnings()
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise ConfigError(
+            "evaluate.py needs ckpt_path=PATH, a checkpoint written by train.py "
+            "(<run>/checkpoints/best-*.ckpt or last.ckpt)"
+        )
+    check_config(cfg, EvalSettings)
     ckpt_path = str(cfg.ckpt_path)
     checkpoint = read_checkpoint(ckpt_path)
     model = model_from_checkpoint(checkpoint)
@@ -303,6 +408,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if min(steps_list) < 0:
         raise ConfigError(f"inner_steps must be >= 0, got {steps_list}")
     model.eval_inner_steps = max(max(steps_list), 1)
+    datamodules = _test_datamodules(data_cfg, ways_list, shots_list)
 
     if cfg.get("logger") and "wandb" in cfg.logger:
         project = _training_wandb_project(ckpt_path)
@@ -316,15 +422,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     curves: dict[str, list[float]] = {}
     try:
-        for ways, shots in itertools.product(ways_list, shots_list):
-            datamodule: EpisodicDataModule = hydra.utils.instantiate(
-                {**data_cfg, "ways": ways, "shots": shots}
-            )
+        for datamodule in datamodules:
             trainer.test(model, datamodule=datamodule, verbose=False)
             full = _test_result(
                 trainer, model, datamodule, model.eval_steps, str(Path(ckpt_path).resolve())
             )
-            curves[f"{ways}-way {shots}-shot"] = full["accuracy_per_step"]
+            curves[f"{datamodule.ways}-way {datamodule.shots}-shot"] = full["accuracy_per_step"]
             for steps in steps_list:
                 result = {
                     **full,
@@ -341,7 +444,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             {"checkpoint": results[0]["checkpoint"], "results": results}, out_dir / "report.json"
         )
         table = markdown_table(results)
-        (out_dir / "report.md").write_text(f"# Evaluation of `{ckpt_path}`\n\n{table}")
+        write_text(out_dir / "report.md", f"# Evaluation of `{ckpt_path}`\n\n{table}")
         plot = plot_accuracy_vs_steps(curves, out_dir / "accuracy_vs_steps.png")
         print(f"reports written to {out_dir} (report.md, report.json, {plot.name})")
         _log_eval_to_wandb(loggers, results, plot)

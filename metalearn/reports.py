@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
+from metalearn.utils.files import save_figure, write_text
+
 __all__ = [
     "mean_ci95",
     "format_result",
@@ -46,12 +48,7 @@ def protocol_label(result: Mapping[str, Any]) -> str:
 
 def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as indented JSON, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
@@ -86,11 +83,4 @@ def plot_accuracy_vs_steps(
     axis.set_title(title or "accuracy of the episode heads after t inner steps")
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    os.replace(tmp, path)
-    return path
+    return save_figure(figure, path)

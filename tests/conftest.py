@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from loopback import LoopbackServer
 from omegaconf import DictConfig, open_dict
 
+from metalearn.config import register_configs
 from metalearn.data.omniglot import OmniglotCharacters, load_omniglot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +91,7 @@ def compose_config(
 ) -> DictConfig:
     """Compose conf/<name>.yaml as the entry point would, with the run folder in output_dir."""
     GlobalHydra.instance().clear()
+    register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             config_name=name,

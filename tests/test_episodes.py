@@ -110,7 +110,7 @@ def test_fixed_episodes_cover_exactly_n():
     "kwargs, match",
     [
         (dict(ways=13), "more than the 12 classes"),
-        (dict(shots=6, query_shots=15), "shots \\+ query_shots = 6 \\+ 15"),
+        (dict(shots=6, query_shots=15), "data.shots \\+ data.query_shots = 6 \\+ 15"),
         (dict(ways=1), "ways must be an integer >= 2"),
         (dict(shots=0), "shots must be an integer >= 1"),
         (dict(query_shots=0), "query_shots must be an integer >= 1"),

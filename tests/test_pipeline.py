@@ -145,7 +145,10 @@ def test_load_representation(trained_run, data_dir, tmp_path):
         (["data.ways=500"], "more than the 400 classes of the 'val' split"),
         (["data.shots=10"], "more than the 20 images per class"),
         (["model.inner_steps=0"], "inner_steps"),
-        (["model.batch_stats=batch"], "model.batch_stats must be one of episode (transductive)"),
+        (
+            ["model.batch_stats=batch"],
+            "model.batch_stats='batch': expected one of episode (transductive)",
+        ),
         (["+model.backbone.norm=running"], "model.backbone.norm is set by model.batch_stats"),
         (["algorithm=maml", "model.batch_stats=running"], "split (transductive) or support"),
     ],

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from metalearn.data.episodes import (
+    DATA_KEYS,
     EpisodeSampler,
     FixedEpisodes,
     TrainEpisodes,
@@ -82,7 +83,17 @@ class EpisodicDataModule(pl.LightningDataModule):
                 f"data.device_sampling must be true, false or auto, got {device_sampling!r}"
             )
         check_episode_geometry(ways, shots, query_shots)
-        check_episode_geometry(train_ways or ways, train_shots or shots, query_shots)
+        #: The settings behind the training episodes' geometry, named in errors.
+        self.train_keys = (
+            "data.train_ways" if train_ways else "data.ways",
+            "data.train_shots" if train_shots else "data.shots",
+            "data.query_shots",
+        )
+        #: The settings behind the evaluation geometry (evaluate.py names its own).
+        self.eval_keys: tuple[str, str, str] = DATA_KEYS
+        check_episode_geometry(
+            train_ways or ways, train_shots or shots, query_shots, self.train_keys
+        )
         for name, value in (
             ("meta_batch", meta_batch),
             ("val_episodes", val_episodes),
@@ -125,12 +136,24 @@ class EpisodicDataModule(pl.LightningDataModule):
         return device
 
     def setup(self, stage: str | None = None) -> None:
+        """Build the episode samplers of the splits the stage uses, checking the episode
+        geometry against each: every split for ``fit`` (a training run also tests), only
+        ``test`` for ``test`` and only ``val`` for ``validate``."""
         device = self.sampling_device()
         if self.samplers:
             for sampler in self.samplers.values():
                 sampler.images = sampler.images.to(device)
             return
-        for split, images in self.load_splits().items():
+        needed = {"test": ("test",), "validate": ("val",)}.get(stage or "fit", SPLIT_NAMES)
+        self.use_splits(
+            {name: images for name, images in self.load_splits().items() if name in needed}
+        )
+
+    def use_splits(self, splits: dict[str, Tensor]) -> None:
+        """Sample episodes of this module's geometry from already loaded splits (another
+        module's ``loaded_splits``, so that several test geometries read the data once)."""
+        device = self.sampling_device()
+        for split, images in splits.items():
             training = split == "train"
             self.samplers[split] = EpisodeSampler(
                 images.to(device),
@@ -140,7 +163,13 @@ class EpisodicDataModule(pl.LightningDataModule):
                 self.seed if training else self.eval_seed,
                 split,
                 self.disjoint,
+                self.train_keys if training else self.eval_keys,
             )
+
+    @property
+    def loaded_splits(self) -> dict[str, Tensor]:
+        """Split name -> the uint8 images of every split set up so far."""
+        return {split: sampler.images for split, sampler in self.samplers.items()}
 
     def _loader(self, dataset: torch.utils.data.Dataset) -> DataLoader:
         on_host = self.sampling_device().type == "cpu"

@@ -46,15 +46,21 @@ class EpisodeBatch(NamedTuple):
     ways: int
 
 
-def check_episode_geometry(ways: int, shots: int, query_shots: int) -> None:
-    """Raise :class:`ConfigError` for impossible episode sizes (before any data is read)."""
-    for name, value, low in (
-        ("ways", ways, 2),
-        ("shots", shots, 1),
-        ("query_shots", query_shots, 1),
-    ):
+#: The settings behind (ways, shots, query_shots), as a user writes them in train.py.
+DATA_KEYS = ("data.ways", "data.shots", "data.query_shots")
+
+
+def check_episode_geometry(
+    ways: int, shots: int, query_shots: int, keys: Sequence[str] = DATA_KEYS
+) -> None:
+    """Raise :class:`ConfigError` for impossible episode sizes (before any data is read).
+
+    ``keys`` name the three settings in the message (``data.train_ways`` for training
+    episodes, ``ways`` in evaluate.py).
+    """
+    for key, value, low in zip(keys, (ways, shots, query_shots), (2, 1, 1), strict=True):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"data.{name} must be an integer >= {low}, got {value!r}")
+            raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
 
 
 def _split_code(split: str) -> int:
@@ -79,6 +85,7 @@ class EpisodeSampler:
         seed: seed of the episode stream.
         split: name of the split (part of every episode's seed).
         disjoint: keep support and query images distinct.
+        keys: the settings behind ways, shots and query_shots, named in errors.
     """
 
     def __init__(
@@ -90,8 +97,9 @@ class EpisodeSampler:
         seed: int,
         split: str,
         disjoint: bool = True,
+        keys: Sequence[str] = DATA_KEYS,
     ) -> None:
-        check_episode_geometry(ways, shots, query_shots)
+        check_episode_geometry(ways, shots, query_shots, keys)
         if images.dim() != 5 or images.dtype != torch.uint8:
             raise ValueError(
                 f"images must be a uint8 tensor (classes, per_class, C, H, W), got "
@@ -100,18 +108,18 @@ class EpisodeSampler:
         num_classes, per_class = images.shape[:2]
         if ways > num_classes:
             raise ConfigError(
-                f"data.ways={ways} is more than the {num_classes} classes of the {split!r} split"
+                f"{keys[0]}={ways} is more than the {num_classes} classes of the {split!r} split"
             )
         needed = shots + query_shots if disjoint else max(shots, query_shots)
         if needed > per_class:
             what = (
-                f"shots + query_shots = {shots} + {query_shots}"
+                f"{keys[1]} + {keys[2]} = {shots} + {query_shots}"
                 if disjoint
-                else f"max(shots, query_shots) = {needed}"
+                else f"max({keys[1]}, {keys[2]}) = {needed}"
             )
             raise ConfigError(
                 f"{what} is more than the {per_class} images per class of the {split!r} split; "
-                f"lower data.shots or data.query_shots"
+                f"lower {keys[1]} or {keys[2]}"
             )
         self.images = images
         self.ways, self.shots, self.query_shots = ways, shots, query_shots

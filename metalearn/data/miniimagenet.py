@@ -235,8 +235,9 @@ def _folder_source(
     for label, names in by_class.items():
         if len(names) != per_class:
             raise DataError(
-                f"{csv_path} lists {len(names)} images of class {label}, expected {per_class}: "
-                f"the file is incomplete or not the Ravi & Larochelle split; {replace}"
+                f"{csv_path} lists {len(names)} images of class {label}, expected {per_class} "
+                f"(data.images_per_class; set it to {len(names)} for a smaller copy): the file "
+                f"is incomplete or not the Ravi & Larochelle split; {replace}"
             )
     classes = tuple(sorted(by_class))
     files = tuple(tuple(images / name for name in by_class[label]) for label in classes)
@@ -348,7 +349,10 @@ def _read_pickle(
         except (TypeError, ValueError) as err:
             raise _BadPickle(f"cannot be read (rows of class {name}: {one_line(err)})") from err
         if rows.size != per_class:
-            raise _BadPickle(f"has {rows.size} images of class {name}, expected {per_class}")
+            raise _BadPickle(
+                f"has {rows.size} images of class {name}, expected {per_class} "
+                f"(data.images_per_class; set it to {rows.size} for a smaller copy)"
+            )
         if rows.size and (rows.min() < 0 or rows.max() >= len(image_data)):
             raise _BadPickle(f"cannot be read (class {name} lists rows outside image_data)")
         index[c] = rows

@@ -51,10 +51,10 @@ from metalearn.hpo.common import (
     ExperimentLoggers,
     hpo_settings,
     markdown_table,
-    save_figure,
     torch_threads,
 )
 from metalearn.reports import write_json
+from metalearn.utils.files import save_figure, write_text
 
 __all__ = [
     "RepresentationData",
@@ -498,7 +498,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         },
         out_dir / "effect_of_T.json",
     )
-    (out_dir / "effect_of_T.md").write_text(f"# Effect of T\n\n{table}\n{summary}\n")
+    write_text(out_dir / "effect_of_T.md", f"# Effect of T\n\n{table}\n{summary}\n")
     plot = _plot(results, implicit, out_dir / "effect_of_T.png")
     print(f"reports written to {out_dir} (effect_of_T.md, effect_of_T.json, {plot.name})")
     loggers.log_images({"effect_of_T/plot": plot})

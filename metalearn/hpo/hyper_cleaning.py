@@ -47,10 +47,10 @@ from metalearn.hpo.common import (
     ExperimentLoggers,
     hpo_settings,
     markdown_table,
-    save_figure,
     torch_threads,
 )
 from metalearn.reports import write_json
+from metalearn.utils.files import save_figure, write_text
 
 __all__ = [
     "HYPERGRADIENT_METHODS",
@@ -472,8 +472,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         {"metrics": metrics, "settings": settings, "outer_val_loss": history},
         out_dir / "hyper_cleaning.json",
     )
-    (out_dir / "hyper_cleaning.md").write_text(
-        f"# Data hyper-cleaning (MNIST)\n\n{table}\n{summary}\n"
+    write_text(
+        out_dir / "hyper_cleaning.md", f"# Data hyper-cleaning (MNIST)\n\n{table}\n{summary}\n"
     )
     plot = _plot_weights(weights, data.corrupted, threshold, out_dir / "weights.png")
     print(f"reports written to {out_dir} (hyper_cleaning.md, hyper_cleaning.json, {plot.name})")

@@ -13,9 +13,11 @@ from metalearn.lightning.baselines import (
 )
 from metalearn.lightning.callbacks import (
     AtomicCheckpointIO,
+    BestCheckpoint,
     EpisodeRate,
     InnerStepCurve,
     ResumeCheckpoint,
+    StepProgressBar,
 )
 from metalearn.lightning.episodic import (
     BatchStats,
@@ -30,6 +32,7 @@ __all__ = [
     "MAML",
     "AtomicCheckpointIO",
     "BatchStats",
+    "BestCheckpoint",
     "ClassicalJointTraining",
     "EpisodeRate",
     "EpisodicModule",
@@ -38,5 +41,6 @@ __all__ = [
     "InverseTimeDecay",
     "PrototypicalNetwork",
     "ResumeCheckpoint",
+    "StepProgressBar",
     "TrainingDiverged",
 ]

@@ -32,6 +32,7 @@ from metalearn.lightning.episodic import (
     BatchStats,
     EpisodicModule,
     InverseTimeDecay,
+    Nonfinite,
     plain,
     query_metrics,
 )
@@ -109,7 +110,7 @@ class PrototypicalNetwork(EpisodicModule):
         batch_stats: BatchStats = "episode",
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
-        nonfinite: str = "raise",
+        nonfinite: Nonfinite = "raise",
     ) -> None:
         super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite)
         self.save_hyperparameters(
@@ -165,7 +166,7 @@ class _InnerLoopLearner(EpisodicModule):
         batch_stats: BatchStats,
         optimizer: Mapping[str, Any] | None,
         lr_decay: float,
-        nonfinite: str,
+        nonfinite: Nonfinite,
     ) -> None:
         super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite)
         if inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 1):
@@ -283,7 +284,7 @@ class MAML(_InnerLoopLearner):
         batch_stats: BatchStats = "split",
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
-        nonfinite: str = "raise",
+        nonfinite: Nonfinite = "raise",
     ) -> None:
         super().__init__(
             backbone,
@@ -421,7 +422,7 @@ class ANIL(_InnerLoopLearner):
         batch_stats: BatchStats = "episode",
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
-        nonfinite: str = "raise",
+        nonfinite: Nonfinite = "raise",
     ) -> None:
         super().__init__(
             backbone,
@@ -534,7 +535,7 @@ class ClassicalJointTraining(EpisodicModule):
         batch_stats: BatchStats = "episode",
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
-        nonfinite: str = "raise",
+        nonfinite: Nonfinite = "raise",
     ) -> None:
         super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite)
         self.save_hyperparameters(

@@ -9,11 +9,20 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-__all__ = ["EpisodeRate", "InnerStepCurve", "AtomicCheckpointIO", "ResumeCheckpoint"]
+from metalearn.utils.files import atomic_write
+
+__all__ = [
+    "EpisodeRate",
+    "InnerStepCurve",
+    "AtomicCheckpointIO",
+    "BestCheckpoint",
+    "ResumeCheckpoint",
+    "StepProgressBar",
+]
 
 
 class EpisodeRate(pl.Callback):
@@ -55,6 +64,39 @@ class EpisodeRate(pl.Callback):
         self._last = now
 
 
+class StepProgressBar(TQDMProgressBar):
+    """The training bar counts outer steps of ``trainer.max_steps`` ("train 180/2000").
+
+    Training is one endless epoch that ``max_steps`` ends, so Lightning's "Epoch 0" and
+    batch counter say nothing, and after a resume the batch counter starts again from 0
+    while the step does not.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        if trainer.max_steps and trainer.max_steps > 0:
+            bar.total = trainer.max_steps
+        bar.n = trainer.global_step
+        bar.set_description("train steps")
+        bar.refresh()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        bar = self.train_progress_bar
+        step = trainer.global_step
+        if bar is not None and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+
 class InnerStepCurve(pl.Callback):
     """After each validation, logs to wandb a table and a line plot of the mean query
     accuracy of the heads after t = 0..T inner steps (``last_eval["accuracy_per_step"]``)."""
@@ -93,19 +135,61 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose saved state names its files relative to its folder.
+
+    Lightning's own state holds absolute paths, so a run folder that was copied or moved
+    resumed with the old location of its best checkpoint (and tested the original's file
+    when that still existed). Here the paths are stored relative to ``dirpath`` and
+    resolved against the current ``dirpath`` on load; absolute paths of older
+    checkpoints that lie in their saved ``dirpath`` are moved along the same way.
+    """
+
+    _PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, so that checkpoints written with it resume here too.
+        key = super().state_key
+        return "ModelCheckpoint" + key[len(type(self).__qualname__) :]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        folder = os.path.abspath(self.dirpath or ".")
+
+        def relative(path: str) -> str:
+            if path and os.path.dirname(os.path.abspath(path)) == folder:
+                return os.path.basename(path)
+            return path
+
+        for key in self._PATH_KEYS:
+            state[key] = relative(state.get(key) or "")
+        state["best_k_models"] = {relative(k): v for k, v in state["best_k_models"].items()}
+        state["dirpath"] = "."
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath") or "."
+        folder = self.dirpath or "."
+
+        def here(path: str) -> str:
+            if not path:
+                return path
+            if not os.path.isabs(path):
+                return os.path.join(folder, path)
+            if saved != "." and os.path.dirname(path) == os.path.abspath(saved):
+                return os.path.join(folder, os.path.basename(path))
+            return path
+
+        state = dict(state_dict, dirpath=self.dirpath)
+        for key in self._PATH_KEYS:
+            if key in state:
+                state[key] = here(state[key] or "")
+        state["best_k_models"] = {here(k): v for k, v in state.get("best_k_models", {}).items()}
+        super().load_state_dict(state)
 
 
 class ResumeCheckpoint(Checkpoint):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import hydra.utils
 import pytorch_lightning as pl
@@ -26,7 +26,18 @@ from metalearn.models.normalization import (
 )
 from metalearn.reports import mean_ci95
 
-__all__ = ["EpisodicModule", "BatchStats", "InverseTimeDecay", "TrainingDiverged", "plain"]
+__all__ = [
+    "EpisodicModule",
+    "BatchStats",
+    "Nonfinite",
+    "InverseTimeDecay",
+    "TrainingDiverged",
+    "plain",
+]
+
+
+#: What training does when a meta-batch's loss is inf or NaN (``model.nonfinite``).
+Nonfinite = Literal["raise", "skip"]
 
 
 class TrainingDiverged(MetalearnError, FloatingPointError):
@@ -84,7 +95,7 @@ class EpisodicModule(pl.LightningModule):
         batch_stats: BatchStats = "episode",
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
-        nonfinite: str = "raise",
+        nonfinite: Nonfinite = "raise",
     ) -> None:
         super().__init__()
         if nonfinite not in ("raise", "skip"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from metalearn.data.episodes import EpisodeBatch
 from metalearn.errors import ConfigError
-from metalearn.lightning.episodic import BatchStats, EpisodicModule, plain
+from metalearn.lightning.episodic import BatchStats, EpisodicModule, Nonfinite, plain
 
 __all__ = ["HyperRepresentation"]
 
@@ -56,14 +56,14 @@ class HyperRepresentation(EpisodicModule):
         eval_inner_steps: int | None = None,
         inner_lr: float = 0.1,
         learn_inner_lr: bool = True,
-        inner_lr_param: str = "exp",
+        inner_lr_param: Literal["exp", "softplus"] = "exp",
         l2: float = 0.0,
         truncate: int | None = None,
         first_order: bool = False,
         batch_stats: BatchStats = "episode",
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
-        nonfinite: str = "raise",
+        nonfinite: Nonfinite = "raise",
         center_features: bool = False,
     ) -> None:
         super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite)

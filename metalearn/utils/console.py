@@ -68,13 +68,16 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
 _BUILTIN_CHOICES = {"hydra/launcher": {"basic", "submitit_local", "submitit_slurm"}}
 
 
-def check_group_choices(conf_dir: str | Path, overrides: list[str]) -> None:
+def check_group_choices(
+    conf_dir: str | Path, overrides: list[str], fixed: dict[str, str] | None = None
+) -> None:
     """Exit with one line listing the choices when a command-line override names an
     unknown option of a config group (``experiment=foo``, ``data=bar``, ``model=...``).
 
     Hydra's own message for this is several lines of its internals; this check runs
     before Hydra composes anything. Sweeps (``experiment=a,b``) are checked value by value;
-    ``null`` and sweep functions (``choice(...)``) are left to Hydra.
+    ``null`` and sweep functions (``choice(...)``) are left to Hydra. ``fixed`` maps the
+    groups this entry point does not let a user choose to the message that says why.
     """
     root = Path(conf_dir)
     for override in overrides:
@@ -82,6 +85,9 @@ def check_group_choices(conf_dir: str | Path, overrides: list[str]) -> None:
             continue
         key, value = override.split("=", 1)
         group = key.lstrip("+")
+        if fixed and group in fixed:
+            print(f"error: {group}={value}: {fixed[group]}", file=sys.stderr)
+            raise SystemExit(2)
         folder = root / group
         known = {p.stem for p in folder.glob("*.yaml")} | _BUILTIN_CHOICES.get(group, set())
         if not folder.is_dir() or "(" in value:
