@@ -192,7 +192,10 @@ def test_evaluate_checks_every_setting_against_the_test_split_first(
         (["episodes=0"], "^episodes must be >= 1, got 0$"),
         (["shots=0"], "^shots must be an integer >= 1, got 0$"),
         (["data.test_episodes=5"], "evaluate.py takes episodes=N"),
-        (["+data.wayz=5"], "data.wayz is not a setting of metalearn.data.datamodule.OmniglotDataModule"),
+        (
+            ["+data.wayz=5"],
+            "data.wayz is not a setting of metalearn.data.datamodule.OmniglotDataModule",
+        ),
         (["query_shots=30"], "shots \\+ query_shots = 1 \\+ 30 is more than the 20 images"),
     ],
 )
