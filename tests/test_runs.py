@@ -254,23 +254,24 @@ def test_a_checkpoint_naming_a_foreign_class_is_refused(tiny_run, tmp_path, caps
     assert "pwned" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda p: torch.save(torch.zeros(3), p), "is not a metalearn training checkpoint"),
-        (
-            lambda p: p.write_text("# README\n"),
-            "is not a checkpoint (not a file written by torch.save)",
-        ),
-        (lambda p: p.mkdir(), "is a folder: give a checkpoint file"),
-    ],
-    ids=["tensor", "text", "folder"],
-)
+NOT_CHECKPOINTS = [
+    (lambda p: torch.save(torch.zeros(3), p), "is not a metalearn training checkpoint"),
+    (
+        lambda p: p.write_text("# README\n"),
+        "is not a checkpoint (not a file written by torch.save)",
+    ),
+    (lambda p: p.mkdir(), "is a folder: give a checkpoint file"),
+]
+
+
+@pytest.mark.parametrize("make, message", NOT_CHECKPOINTS, ids=["tensor", "text", "folder"])
 def test_files_that_are_not_checkpoints(make, message, tmp_path, data_dir, real_cache_dir):
     path = tmp_path / "given"
     make(path)
     with pytest.raises(ConfigError, match=re.escape(message)):
         read_checkpoint(path)
+    if make is not NOT_CHECKPOINTS[1][0]:
+        return  # the entry point turns each into one line the same way: one subprocess
     result = cli(
         "evaluate.py",
         [f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'e'}"],
@@ -302,16 +303,8 @@ def test_evaluate_cli_errors_are_one_line(args, message, tmp_path, data_dir, rea
 
 @pytest.mark.parametrize(
     "args, message",
-    [
-        (["data.disjoint=maybe"], "data.disjoint='maybe': expected true or false"),
-        (["seed=abc"], "seed='abc': expected an integer or null"),
-        (["model.learn_inner_lr=no"], "model.learn_inner_lr='no': expected true or false"),
-        (["trainer.val_check_interval=0"], "trainer.val_check_interval=0"),
-        (
-            ["+trainer.accumulate_grad_batches=2"],
-            "trainer.accumulate_grad_batches=2: not supported",
-        ),
-    ],
+    # one case end to end; every other type error is checked in-process (test_config_types)
+    [(["data.disjoint=maybe"], "data.disjoint='maybe': expected true or false")],
 )
 def test_train_cli_type_errors_are_one_line(args, message, tmp_path, data_dir, real_cache_dir):
     result = cli("train.py", [*TINY, *args, f"hydra.run.dir={tmp_path}"], data_dir, real_cache_dir)
