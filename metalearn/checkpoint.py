@@ -24,6 +24,7 @@ __all__ = [
     "config_differences",
     "find_last_checkpoint",
     "run_differences",
+    "datamodule_target",
     "LOCAL_DATA_KEYS",
 ]
 
@@ -217,6 +218,13 @@ LOCAL_DATA_KEYS = (
 )
 
 
+def datamodule_target(checkpoint: Mapping[str, Any]) -> str | None:
+    """The DataModule class that trained the checkpoint (its saved state), if recorded."""
+    return next(
+        (v["target"] for v in checkpoint.values() if isinstance(v, dict) and "target" in v), None
+    )
+
+
 def _class_of(target: Any) -> Any:
     try:
         return hydra.utils.get_object(str(target))
@@ -233,9 +241,7 @@ def run_differences(
     trained = checkpoint["hyper_parameters"]
     model_keys = sorted({*trained, *model_config} - {"_target_", "_recursive_", "_partial_"})
     differences = config_differences(trained, model_config, model_keys, "model")
-    data_target = next(
-        (v["target"] for v in checkpoint.values() if isinstance(v, dict) and "target" in v), None
-    )
+    data_target = datamodule_target(checkpoint)
     configured = data_config.get("_target_", data_target)
     if data_target is not None and _class_of(data_target) is not _class_of(configured):
         differences.append(f"data: checkpoint {data_target}, config {data_config.get('_target_')}")

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metalearn.checkpoint import (
     check_resumable,
+    datamodule_target,
     find_last_checkpoint,
     read_checkpoint,
     run_differences,
@@ -331,10 +332,7 @@ def _evaluation_data_config(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> d
             "single settings with data.KEY=VALUE"
         )
     trained = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    target = next(
-        (v["target"] for v in checkpoint.values() if isinstance(v, dict) and "target" in v),
-        None,
-    )
+    target = datamodule_target(checkpoint)
     if target is None or not trained:
         raise ConfigError(
             f"{cfg.ckpt_path} records no data settings (it was not written by train.py): "
