@@ -20,7 +20,7 @@ from pathlib import Path
 
 from metalearn.errors import DataError
 
-__all__ = ["create_temp", "download_file", "one_line", "progress_bar"]
+__all__ = ["create_temp", "download_file", "download_folder", "one_line", "progress_bar"]
 
 _CHUNK = 1 << 20
 
@@ -46,6 +46,28 @@ def create_temp(folder: Path, final_name: str) -> tuple[int, Path]:
         except FileExistsError:
             continue
     raise FileExistsError(f"cannot create a temporary file in {folder}")
+
+
+@contextlib.contextmanager
+def download_folder(root: Path, what: str) -> Iterator[Path]:
+    """Create ``root`` (and its missing parents) to download ``what`` into; when the
+    download fails, remove the folders this created that are still empty, so that the
+    data root is left as it was."""
+    created = [folder for folder in (root, *root.parents) if not folder.exists()]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(
+            f"cannot create the {what} folder {root} to download into ({one_line(err)}); "
+            f"set paths.data_dir / METALEARN_DATA_DIR to a writable folder"
+        ) from err
+    try:
+        yield root
+    except BaseException:
+        for folder in created:  # deepest first; a folder that holds a file stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 @contextlib.contextmanager

@@ -41,7 +41,13 @@ from PIL import Image
 from torch import Tensor
 
 from metalearn.data.datamodule import EpisodicDataModule
-from metalearn.data.download import create_temp, download_file, one_line, progress_bar
+from metalearn.data.download import (
+    create_temp,
+    download_file,
+    download_folder,
+    one_line,
+    progress_bar,
+)
 from metalearn.data.episodes import EpisodeBatch
 from metalearn.errors import ConfigError, DataError
 
@@ -484,34 +490,30 @@ def _prepare(
         for split in absent:
             if split not in urls:
                 raise ConfigError(f"no download URL given for the miniImageNet {split} split")
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise DataError(
-                f"cannot create the miniImageNet folder {root} to download into "
-                f"({one_line(err)}); set paths.data_dir / METALEARN_DATA_DIR to a writable folder"
-            ) from err
-        for split in absent:
-            url, target = urls[split], root / _PICKLE_NAMES[split][0]
-            expected = _expected_classes(split, expected_classes)
-            log.warning(
-                "Downloading miniImageNet %s from %s (a mirror, not an official host)", split, url
-            )
-            download_file(
-                url,
-                target,
-                what=f"miniImageNet {split} pickle",
-                manual=(
-                    f"download {url} by hand and save it as {target}, or place the images "
-                    f"and the Ravi & Larochelle CSVs in {root}"
-                ),
-                sha256=sha256.get(split),
-                validate=functools.partial(
-                    _check_download, split=split, expected_classes=expected, per_class=per_class
-                ),
-                progress=progress,
-            )
-            sources[split] = _pickle_source(target, split)
+        with download_folder(root, "miniImageNet"):
+            for split in absent:
+                url, target = urls[split], root / _PICKLE_NAMES[split][0]
+                expected = _expected_classes(split, expected_classes)
+                log.warning(
+                    "Downloading miniImageNet %s from %s (a mirror, not an official host)",
+                    split,
+                    url,
+                )
+                download_file(
+                    url,
+                    target,
+                    what=f"miniImageNet {split} pickle",
+                    manual=(
+                        f"download {url} by hand and save it as {target}, or place the images "
+                        f"and the Ravi & Larochelle CSVs in {root}"
+                    ),
+                    sha256=sha256.get(split),
+                    validate=functools.partial(
+                        _check_download, split=split, expected_classes=expected, per_class=per_class
+                    ),
+                    progress=progress,
+                )
+                sources[split] = _pickle_source(target, split)
     return {split: source for split, source in sources.items() if source is not None}
 
 

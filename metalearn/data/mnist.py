@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalearn.data.download import download_file, one_line
+from metalearn.data.download import download_file, download_folder, one_line
 from metalearn.errors import ConfigError, DataError
 
 __all__ = [
@@ -200,26 +200,20 @@ def _download(
     progress: bool,
 ) -> Path:
     url = base_url.rstrip("/") + "/" + name
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DataError(
-            f"cannot create the MNIST folder {root} to download into ({one_line(err)}); "
-            "set paths.data_dir / METALEARN_DATA_DIR to a writable folder"
-        ) from err
     log.info("Downloading MNIST %s from %s", name, url)
-    return download_file(
-        url,
-        root / name,
-        what=f"MNIST {name}",
-        manual=(
-            f"download {url} by hand and save it as {root / name}, or set paths.data_dir / "
-            "METALEARN_DATA_DIR to a folder holding mnist/"
-        ),
-        md5=md5.get(name),
-        validate=_validator(name),
-        progress=progress,
-    )
+    with download_folder(root, "MNIST"):
+        return download_file(
+            url,
+            root / name,
+            what=f"MNIST {name}",
+            manual=(
+                f"download {url} by hand and save it as {root / name}, or set paths.data_dir / "
+                "METALEARN_DATA_DIR to a folder holding mnist/"
+            ),
+            md5=md5.get(name),
+            validate=_validator(name),
+            progress=progress,
+        )
 
 
 def load_mnist(

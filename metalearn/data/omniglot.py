@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 
 from metalearn.data.download import create_temp as _create_temp
-from metalearn.data.download import download_file
+from metalearn.data.download import download_file, download_folder
 from metalearn.data.download import one_line as _one_line
 from metalearn.data.download import progress_bar as _progress_bar
 from metalearn.errors import ConfigError, DataError
@@ -315,24 +315,18 @@ def _prepare(
         for collection in absent:
             if collection not in urls:
                 raise ConfigError(f"no download URL given for Omniglot {collection}")
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise DataError(
-                f"cannot create the Omniglot folder {root} to download into ({_one_line(err)}); "
-                f"set paths.data_dir / METALEARN_DATA_DIR to a writable folder"
-            ) from err
-        for collection in absent:
-            log.info("Downloading Omniglot %s from %s", collection, urls[collection])
-            _download_zip(
-                urls[collection],
-                root / f"{collection}.zip",
-                collection,
-                md5.get(collection),
-                _expected_count(collection, expected_characters),
-                progress,
-            )
-            sources[collection] = _scan(root, collection, expected_characters)
+        with download_folder(root, "Omniglot"):
+            for collection in absent:
+                log.info("Downloading Omniglot %s from %s", collection, urls[collection])
+                _download_zip(
+                    urls[collection],
+                    root / f"{collection}.zip",
+                    collection,
+                    md5.get(collection),
+                    _expected_count(collection, expected_characters),
+                    progress,
+                )
+                sources[collection] = _scan(root, collection, expected_characters)
     return [sources[c] for c in OMNIGLOT_COLLECTIONS]
 
 
