@@ -21,12 +21,13 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     from metalearn.config import register_configs
-    from metalearn.utils.console import check_group_choices
+    from metalearn.utils.console import check_group_choices, check_output_dirs
 
     check_group_choices(
         ROOT / "conf",
         sys.argv[1:],
         fixed={"data": "the data set comes from the checkpoint; set single keys as data.KEY=VALUE"},
     )
+    check_output_dirs(sys.argv[1:], Path(os.environ["METALEARN_ROOT"]) / "logs")
     register_configs()
     main()

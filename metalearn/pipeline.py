@@ -14,6 +14,7 @@ from typing import Any, cast
 import hydra.utils
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities import rank_zero_warn
 
 from metalearn.checkpoint import (
     check_resumable,
@@ -34,7 +35,7 @@ from metalearn.config import (
 from metalearn.data.datamodule import EpisodicDataModule
 from metalearn.data.episodes import check_episode_geometry
 from metalearn.errors import ConfigError
-from metalearn.lightning import MAML, EpisodicModule
+from metalearn.lightning import MAML, EpisodicModule, TrainingDiverged
 from metalearn.lightning.baselines import MAML_BATCH_STATS
 from metalearn.models import BATCH_STATS, BatchStats
 from metalearn.reports import (
@@ -159,6 +160,33 @@ def _check_fresh_run_dir(cfg: DictConfig) -> None:
         )
 
 
+def _warn_per_rank_statistics(
+    trainer: pl.Trainer, model: EpisodicModule, datamodule: EpisodicDataModule
+) -> None:
+    """BatchNorm statistics over the meta-batch (``meta_batch``, ``running`` in training)
+    come from each rank's slice of it: say so, since the run then differs from one
+    process (the per-episode settings do not)."""
+    ranks = trainer.world_size
+    if ranks > 1 and model.batch_stats in ("meta_batch", "running"):
+        rank_zero_warn(
+            f"model.batch_stats={model.batch_stats} on {ranks} ranks: training normalizes "
+            f"over each rank's {datamodule.meta_batch // ranks} episodes of the meta-batch "
+            f"of {datamodule.meta_batch}, not over all of them, so the updates differ from "
+            f"one process (episode, split and support are the same on any number of ranks)"
+        )
+
+
+def _check_trained(metrics: Mapping[str, float], model: EpisodicModule) -> None:
+    """Stop when every training step of the fit was skipped (``model.nonfinite=skip``
+    with a loss that was never finite): there is no trained model to test."""
+    if "train/skipped" in metrics and "train/loss" not in metrics:
+        raise TrainingDiverged(
+            f"every training step ({int(metrics['train/skipped'])}) had an inf or NaN loss "
+            f"and was skipped (model.nonfinite=skip), so nothing was trained: "
+            f"{model.divergence_advice()}"
+        )
+
+
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:
     """Path of the best checkpoint by ``val/acc`` (None when none was written)."""
     callback = trainer.checkpoint_callback
@@ -247,6 +275,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = hydra.utils.instantiate(
         _sweep_safe(cfg.trainer), callbacks=callbacks, logger=loggers or False
     )
+    _warn_per_rank_statistics(trainer, model, datamodule)
     for logger in loggers:
         hyperparameters: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         logger.log_hyperparams({**hyperparameters, "protocol": model.protocol})
@@ -254,6 +283,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("train", True):
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume[0] if resume else None)
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        _check_trained(metrics, model)
         if cfg.get("test", True):
             tested = _checkpoint_to_test(trainer, cfg, resume[0] if resume else None)
             trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)

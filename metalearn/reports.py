@@ -47,8 +47,23 @@ def protocol_label(result: Mapping[str, Any]) -> str:
 
 
 def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` as indented JSON, atomically (temporary file, then rename)."""
-    return write_text(path, json.dumps(data, indent=2) + "\n")
+    """Write ``data`` as indented JSON, atomically (temporary file, then rename).
+
+    inf and NaN become ``null`` (JSON has no such numbers; a bare ``NaN`` makes the file
+    unreadable to strict parsers).
+    """
+    return write_text(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,18 @@ def test_hyper_cleaning_runs_on_generated_mnist(tmp_path, one_thread) -> None:
     _check_cleaning_outputs(metrics, out)
     assert metrics["detector/f1"] > 0.7
     assert metrics["test/loss"] < metrics["baseline_all/test/loss"]  # both reach 100% here
+
+
+def test_a_diverging_inner_loop_is_reported(tmp_path, one_thread) -> None:
+    """hpo.inner_lr far above the stable step: the run says so, naming the setting."""
+    data_dir = make_mnist_fixture(tmp_path / "data", n_train=800, n_test=200)
+    with pytest.warns(UserWarning, match=r"hpo.inner_lr=10000.0: the inner training loss goes"):
+        _small_cleaning_run(
+            tmp_path, data_dir, ["hpo.inner_lr=1e4", "hpo.inner_steps=10", "hpo.outer_steps=1"]
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*inner training loss goes")
+        _small_cleaning_run(tmp_path / "stable", data_dir, ["hpo.outer_steps=1"])
 
 
 def test_hyper_cleaning_real_mnist(tmp_path, one_thread) -> None:

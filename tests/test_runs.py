@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -16,6 +17,7 @@ from test_operations import TINY, cli, run_tiny
 from metalearn.checkpoint import read_checkpoint
 from metalearn.errors import ConfigError
 from metalearn.pipeline import _evaluation_data_config, _test_datamodules, evaluate, train
+from metalearn.utils.console import check_output_dirs, exit_on_user_error
 
 
 def best_checkpoint(run: Path) -> Path:
@@ -312,3 +314,67 @@ def test_train_cli_type_errors_are_one_line(args, message, tmp_path, data_dir, r
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert message in line and "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# -- run folders that cannot be written ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "folder, reason",
+    [
+        (lambda tmp: tmp / "a-file" / "run", "Not a directory"),
+        (lambda tmp: Path("/proc/metalearn-run"), "No such file or directory"),
+        (lambda tmp: tmp / ("x" * 300), "File name too long"),
+    ],
+    ids=["under-a-file", "impossible", "name-too-long"],
+)
+def test_a_run_folder_that_cannot_be_created_is_one_line(folder, reason, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    path = folder(tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        check_output_dirs(["experiment=omniglot_5w1s", f"hydra.run.dir={path}"], tmp_path / "logs")
+    assert caught.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert (
+        line.startswith(f"error: hydra.run.dir={path}: cannot create this folder")
+        and reason in line
+    )
+    with pytest.raises(SystemExit):  # the default log folder and paths.log_dir alike
+        check_output_dirs(["-m", "seed=0,1"], tmp_path / "a-file" / "logs")
+    assert "error: paths.log_dir=" in capsys.readouterr().err
+    check_output_dirs(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path / "a-file")
+    assert (tmp_path / "sweep").is_dir()
+
+
+def test_train_cli_with_an_impossible_run_folder(tmp_path, data_dir, real_cache_dir):
+    (tmp_path / "a-file").write_text("")
+    result = cli(
+        "train.py",
+        [*TINY, f"hydra.run.dir={tmp_path / 'a-file' / 'run'}"],
+        data_dir,
+        real_cache_dir,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "hydra.run.dir=" in line and "Not a directory" in line
+
+
+def test_a_full_disk_is_one_line_naming_the_file(
+    tmp_path, data_dir, real_cache_dir, monkeypatch, capsys
+):
+    """The run folder: a checkpoint that cannot be written stops the run with one line."""
+
+    def full_disk(obj, handle, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = compose_config("train", [*TINY, "test=false"], tmp_path / "run", data_dir, real_cache_dir)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as caught:
+        exit_on_user_error(train)(cfg)
+    assert caught.value.code == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert (
+        "no space left on device: cannot write" in line
+        and str(tmp_path / "run" / "checkpoints") in line
+    )
+    assert not [p for p in (tmp_path / "run").rglob("*.ckpt*")]  # no partial file behind

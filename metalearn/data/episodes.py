@@ -234,7 +234,9 @@ class FixedEpisodes(Dataset):
     """Fixed evaluation episodes ``0 .. episodes - 1`` in meta-batches of ``meta_batch``.
 
     With ``world_size`` ranks, rank r evaluates episodes r, r + world_size, ... (no
-    padding, so no episode is counted twice; ranks may differ by one episode).
+    episode is counted twice; ranks may differ by one episode). A rank left without
+    episodes (fewer episodes than ranks) gets one padding episode with id -1, which the
+    evaluation drops: every rank then takes part in gathering the results.
     """
 
     def __init__(
@@ -251,13 +253,17 @@ class FixedEpisodes(Dataset):
             )
         self.sampler, self.episodes, self.meta_batch = sampler, episodes, meta_batch
         self.ids = range(rank, episodes, world_size)
+        self.padding = not self.ids
 
     def __len__(self) -> int:
-        return math.ceil(len(self.ids) / self.meta_batch)
+        return max(math.ceil(len(self.ids) / self.meta_batch), 1)
 
     def __getitem__(self, index: int) -> EpisodeBatch:
         if not 0 <= index < len(self):
             raise IndexError(index)
+        if self.padding:
+            batch = self.sampler.sample([0])
+            return batch._replace(episode_ids=torch.full_like(batch.episode_ids, -1))
         return self.sampler.sample(
             self.ids[index * self.meta_batch : (index + 1) * self.meta_batch]
         )

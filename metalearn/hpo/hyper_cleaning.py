@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from metalearn.hpo.common import (
     torch_threads,
 )
 from metalearn.reports import write_json
+from metalearn.utils.divergence import diverging
 from metalearn.utils.files import save_figure, write_text
 
 __all__ = [
@@ -206,6 +208,25 @@ def train_weighted(
     problem = hyper_cleaning_problem(data, inner_lr, l2, weights=None)
     with torch.no_grad():
         return unroll(problem, (weights.to(data.train_x.dtype),), steps)
+
+
+def _warn_if_diverging(
+    data: HyperCleaningData, w: Tensors, steps: int, lr: float, l2: float
+) -> None:
+    """Warn when T steps of the inner gradient descent (uniform weights) raise the inner
+    loss far above its value at the zero initialization, log(10): the step is too large."""
+    problem = hyper_cleaning_problem(data, lr, l2, weights=None)
+    uniform = (torch.ones_like(data.train_x[:, 0]),)
+    with torch.no_grad():
+        first = float(problem.inner_loss(problem.initial_inner(uniform), uniform))
+        last = float(problem.inner_loss(w, uniform))
+    if diverging(first, last):
+        warnings.warn(
+            f"hpo.inner_lr={lr}: the inner training loss goes from {first:.4g} to {last:.4g} "
+            f"in {steps} steps, so the inner problem diverges and every result of this run "
+            f"is meaningless; lower hpo.inner_lr",
+            stacklevel=2,
+        )
 
 
 def evaluate_classifier(w: Tensors, x: Tensor, y: Tensor) -> tuple[float, float]:
@@ -392,6 +413,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         }
         for prefix, fixed in baselines.items():
             w = train_weighted(data, fixed, steps, lr, l2)
+            if prefix == "baseline_all/":
+                _warn_if_diverging(data, w, steps, lr, l2)
             for split, (x, y) in {
                 "val": (data.val_x, data.val_y),
                 "test": (data.test_x, data.test_y),

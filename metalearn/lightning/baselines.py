@@ -135,11 +135,11 @@ class PrototypicalNetwork(EpisodicModule):
             return logits, None
         return logits, (logits.argmax(-1) == batch.query_labels).float().mean(1, keepdim=True)
 
-    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         loss, accuracy, _ = self.episode_forward(batch, 0)
         loss = loss.mean()
-        if not self.check_finite(loss, len(accuracy)):
-            return None
+        if not self.check_finite(loss, batch):
+            return loss  # every rank runs backward; the update is skipped
         self.log_train(loss, accuracy)
         return loss
 
@@ -218,17 +218,17 @@ class _InnerLoopLearner(EpisodicModule):
             )
         return self.head_weight, self.head_bias
 
-    def diverged_message(self) -> str:
+    def divergence_advice(self) -> str:
         return (
-            f"with inner lr {self.inner_lr.item():.4g} the inner loop diverged; lower "
-            f"model.inner_lr (or the outer learning rate), or set model.nonfinite=skip"
+            f"with inner lr {self.inner_lr.item():.4g} the inner loop diverges; lower "
+            f"model.inner_lr (or the outer learning rate)"
         )
 
-    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         loss, accuracy, _ = self.episode_forward(batch, self.inner_steps)
         loss = loss.mean()
-        if not self.check_finite(loss, len(accuracy)):
-            return None
+        if not self.check_finite(loss, batch):
+            return loss  # every rank runs backward; the update is skipped
         self.log_train(loss, accuracy)
         self.log("train/inner_lr", self.inner_lr.detach(), batch_size=len(accuracy))
         return loss
@@ -663,10 +663,10 @@ class ClassicalJointTraining(EpisodicModule):
             batch, steps, per_step, self.eval_inner_lr, detach_features=True, l2=self.eval_l2
         )
 
-    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         loss, accuracy = self.training_loss(self.pool_batch(batch))
         loss = loss.mean()
-        if not self.check_finite(loss, len(accuracy)):
-            return None
+        if not self.check_finite(loss, batch):
+            return loss  # every rank runs backward; the update is skipped
         self.log_train(loss, accuracy)
         return loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from metalearn.models.normalization import (
     protocol_of,
 )
 from metalearn.reports import mean_ci95
+from metalearn.utils.divergence import DIVERGENCE_FACTOR, diverging
 
 __all__ = [
     "EpisodicModule",
@@ -111,6 +113,8 @@ class EpisodicModule(pl.LightningModule):
         self.lr_decay = lr_decay
         self.val_acc_best = 0.0
         self.skipped_batches = 0
+        self._skip_update = False
+        self._divergence_warned = False
         self._episode_rows: list[Tensor] = []
         self._episode_ids: list[Tensor] = []
         #: The last validation / test result: accuracy, ci95, episodes, loss, and the mean
@@ -136,9 +140,14 @@ class EpisodicModule(pl.LightningModule):
         """Inner steps at validation / test (0 for learners without an inner loop)."""
         return 0
 
+    def divergence_advice(self) -> str:
+        """What to change when the training loss explodes (learners with an inner loop
+        name its learning rate)."""
+        return "lower the outer learning rate (model.optimizer.lr)"
+
     def diverged_message(self) -> str:
         """What to tell the user when the loss is not finite."""
-        return "lower the learning rates, or set model.nonfinite=skip"
+        return f"{self.divergence_advice()}, or set model.nonfinite=skip"
 
     # -- shared pieces ------------------------------------------------------------------
     def episode_forward(
@@ -224,19 +233,59 @@ class EpisodicModule(pl.LightningModule):
     def _param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def check_finite(self, loss: Tensor, size: int) -> bool:
-        """False (and a skipped update) or :class:`TrainingDiverged` for an inf/NaN loss."""
-        if torch.isfinite(loss):
+    def check_finite(self, loss: Tensor, batch: EpisodeBatch) -> bool:
+        """Whether this meta-batch updates the model: False when the loss is inf or NaN on
+        any rank (then every rank skips the update, keeping the ranks in step), or
+        :class:`TrainingDiverged` on every rank with ``nonfinite="raise"``.
+
+        A skipped meta-batch still counts as a step (the episode stream and the global step
+        stay together, so a resume neither replays nor drops a meta-batch); the learner
+        returns its loss as usual so that every rank runs the backward pass its gradient
+        all-reduce waits for, and :meth:`on_before_optimizer_step` drops the gradients.
+        """
+        bad = torch.tensor(0.0 if bool(torch.isfinite(loss)) else 1.0, device=loss.device)
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bad.item():
+            self._check_divergence(float(loss.detach()), batch.ways)
             return True
-        message = f"the training loss is {loss.item()} at step {self.global_step}: " + (
+        where = (
+            f"{loss.detach().item()}" if not torch.isfinite(loss) else "not finite on another rank"
+        )
+        message = f"the training loss is {where} at step {self.global_step}: " + (
             self.diverged_message()
         )
         if self.nonfinite == "raise":
             raise TrainingDiverged(message)
         rank_zero_warn(message + "; skipping this meta-batch")
         self.skipped_batches += 1
-        self.log("train/skipped", float(self.skipped_batches), batch_size=size)
+        self._skip_update = True
+        self.log("train/skipped", float(self.skipped_batches), batch_size=len(batch.episode_ids))
         return False
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients of a skipped meta-batch, so the optimizer leaves the
+        parameters and its state as they are (a gradient scaler skips on its own)."""
+        if not self._skip_update:
+            return
+        self._skip_update = False
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # mixed precision: the scaler sees the inf / NaN gradients and skips
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.grad = None
+
+    def _check_divergence(self, loss: float, ways: int) -> None:
+        """Warn once when a finite training loss is far above chance level, log(ways)."""
+        chance = math.log(ways)
+        if self._divergence_warned or not diverging(chance, loss):
+            return
+        self._divergence_warned = True
+        rank_zero_warn(
+            f"the training loss {loss:.4g} at step {self.global_step} is more than "
+            f"{DIVERGENCE_FACTOR:g}x the loss of chance-level predictions (log {ways} = "
+            f"{chance:.3g}): training is diverging; {self.divergence_advice()}"
+        )
 
     def log_train(self, loss: Tensor, accuracy: Tensor) -> None:
         """Log ``train/loss``, ``train/acc`` (progress bar) and the optimizer's rate."""
@@ -271,8 +320,9 @@ class EpisodicModule(pl.LightningModule):
         """Per-episode rows of all ranks, each episode once, ordered by episode id.
 
         Ranks may hold different numbers of episodes (evaluation episodes are split
-        without padding), so rows are padded to a common length for ``all_gather`` and
-        the padding (id -1) dropped afterwards.
+        without padding; a rank with none evaluates one padding episode of id -1), so rows
+        are padded to a common length for ``all_gather`` and the padding (id -1) dropped
+        afterwards.
         """
         rows, ids = torch.cat(self._episode_rows), torch.cat(self._episode_ids)
         self._episode_rows.clear()
@@ -335,7 +385,9 @@ class EpisodicModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["val_acc_best"] = self.val_acc_best
+        checkpoint["skipped_batches"] = self.skipped_batches
         checkpoint["model_target"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_acc_best = float(checkpoint.get("val_acc_best", 0.0))
+        self.skipped_batches = int(checkpoint.get("skipped_batches", 0))

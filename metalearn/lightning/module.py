@@ -129,17 +129,17 @@ class HyperRepresentation(EpisodicModule):
             first_order=self.first_order,
         )
 
-    def diverged_message(self) -> str:
+    def divergence_advice(self) -> str:
         return (
-            f"with inner lr {self.inner_lr.item():.4g} the inner loop diverged; lower "
-            f"model.inner_lr (or the outer learning rate), or set model.nonfinite=skip"
+            f"with inner lr {self.inner_lr.item():.4g} the inner loop diverges; lower "
+            f"model.inner_lr (or the outer learning rate)"
         )
 
-    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         loss, accuracy, _ = self.episode_forward(batch, self.inner_steps)
         loss = loss.mean()
-        if not self.check_finite(loss, len(accuracy)):
-            return None
+        if not self.check_finite(loss, batch):
+            return loss  # every rank runs backward; the update is skipped
         self.log_train(loss, accuracy)
         self.log("train/inner_lr", self.inner_lr.detach(), batch_size=len(accuracy))
         return loss

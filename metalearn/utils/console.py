@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalearn.errors import MetalearnError
 
-__all__ = ["print_config_tree", "exit_on_user_error", "user_error", "check_group_choices"]
+__all__ = [
+    "print_config_tree",
+    "exit_on_user_error",
+    "user_error",
+    "check_group_choices",
+    "check_output_dirs",
+]
 
 T = TypeVar("T")
 
@@ -38,13 +45,40 @@ def print_config_tree(cfg: DictConfig) -> None:
 
 
 def user_error(err: BaseException) -> MetalearnError | None:
-    """The :class:`MetalearnError` behind ``err`` (Hydra's instantiate wraps exceptions)."""
+    """The :class:`MetalearnError` behind ``err``: Hydra's instantiate wraps exceptions,
+    and a rank started by ``ddp_spawn`` sends its exception back as the text of its
+    traceback, whose last line names the class and the message."""
     seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, MetalearnError):
             return seen
+        from_rank = _error_of_spawned_rank(seen)
+        if from_rank is not None:
+            return from_rank
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _error_of_spawned_rank(err: BaseException) -> MetalearnError | None:
+    """Rebuild the :class:`MetalearnError` a spawned rank raised (torch's
+    ``ProcessRaisedException`` carries only its formatted traceback)."""
+    if type(err).__name__ != "ProcessRaisedException":
+        return None
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    name, _, message = lines[-1].partition(": ") if lines else ("", "", "")
+    module, _, qualname = name.rpartition(".")
+    if not module.startswith("metalearn."):
+        return None
+    cls = getattr(sys.modules.get(module), qualname, None)
+    if isinstance(cls, type) and issubclass(cls, MetalearnError):
+        return cls(message)
+    return None
+
+
+def _is_launched_rank() -> bool:
+    """A process that plain ``ddp`` started by re-running the command on this node: local
+    rank 0 prints the error for the node."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) > 0
 
 
 def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
@@ -58,7 +92,8 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
             cause = user_error(err)
             if cause is None:
                 raise
-            print(f"error: {cause}", file=sys.stderr)
+            if not _is_launched_rank():
+                print(f"error: {cause}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper
@@ -99,3 +134,41 @@ def check_group_choices(
                     file=sys.stderr,
                 )
                 raise SystemExit(2)
+
+
+#: The settings that place a run's folder, checked before Hydra creates it.
+_OUTPUT_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir")
+
+
+def check_output_dirs(arguments: list[str], default_log_dir: str | Path) -> None:
+    """Exit with one line when the run folder cannot be created: ``hydra.run.dir``
+    (``hydra.sweep.dir`` with ``-m``) or else ``paths.log_dir`` from the command line, or
+    the default log folder, under a file, on a read-only or full device, or otherwise
+    impossible.
+
+    Hydra creates the run folder before any of metalearn's code runs and reports a
+    failure as a traceback; this creates it first. Values with ``${...}``
+    interpolations are left to Hydra.
+    """
+    multirun = any(argument in ("-m", "--multirun") for argument in arguments)
+    given = {}
+    for argument in arguments:
+        key, sep, value = argument.lstrip("+").partition("=")
+        if sep and key in _OUTPUT_KEYS and value:
+            given[key] = value
+    run_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    key = run_key if run_key in given else "paths.log_dir"
+    value = given.get(key, str(default_log_dir))
+    if "${" in value:
+        return
+    try:
+        Path(value).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        where = f" ({err.filename})" if err.filename and str(err.filename) != value else ""
+        print(
+            f"error: {key}={value}: cannot create this folder for the run: {reason}{where}; "
+            f"choose a writable folder",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None

@@ -1,0 +1,188 @@
+"""The training loop on real Omniglot: skipped meta-batches, divergence, ranks that agree."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+from recorder import read_records
+from test_operations import TINY, cli, max_difference, parameters, run_tiny
+
+from metalearn.checkpoint import read_checkpoint
+from metalearn.reports import write_json
+
+NAN_AT_STEP_2 = ["model._target_=faulty.NaNAtSteps", "+model.nan_steps=[2]"]
+
+
+@pytest.fixture(autouse=True)
+def _trust_the_test_learner(monkeypatch):
+    monkeypatch.setenv("METALEARN_TRUSTED_TARGETS", "faulty.")
+
+
+def record(folder) -> list[str]:
+    return [
+        "+callbacks.recorder._target_=recorder.RecordEpisodes",
+        f"+callbacks.recorder.folder={folder}",
+    ]
+
+
+def test_a_skipped_meta_batch_is_a_step_and_a_resume_neither_replays_nor_drops_one(
+    tmp_path, data_dir, real_cache_dir
+):
+    """Meta-batch s holds episodes 4s..4s+3 also after a skipped step, the skipped update
+    leaves parameters and optimizer state alone, and 3 + 3 resumed steps give 6 straight."""
+    common = [*NAN_AT_STEP_2, "model.nonfinite=skip", "test=false", "trainer.val_check_interval=3"]
+    common += ["callbacks.last_checkpoint.every_n_train_steps=1"]
+    with pytest.warns(UserWarning, match="at step 2.*skipping this meta-batch"):
+        run_tiny(
+            tmp_path / "straight",
+            data_dir,
+            real_cache_dir,
+            *common,
+            "trainer.max_steps=6",
+            *record(tmp_path / "ids"),
+        )
+    steps = read_records(tmp_path / "ids")[0]
+    assert [row["step"] for row in steps] == list(range(6))
+    assert [row["ids"] for row in steps] == [list(range(4 * s, 4 * s + 4)) for s in range(6)]
+    straight = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    assert straight["global_step"] == 6 and straight["skipped_batches"] == 1
+    adam_steps = {int(state["step"]) for state in straight["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {5}  # five updates in six steps
+
+    run_tiny(tmp_path / "resumed", data_dir, real_cache_dir, *common, "trainer.max_steps=3")
+    first = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert first["global_step"] == 3 and first["skipped_batches"] == 1
+    ckpt = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    run_tiny(
+        tmp_path / "resumed",
+        data_dir,
+        real_cache_dir,
+        *common,
+        "trainer.max_steps=6",
+        f"ckpt_path={ckpt}",
+        *record(tmp_path / "ids2"),
+    )
+    assert [row["ids"] for row in read_records(tmp_path / "ids2")[0]] == [
+        list(range(4 * s, 4 * s + 4)) for s in range(3, 6)
+    ]
+    assert max_difference(straight["state_dict"], parameters(ckpt)) == 0.0
+
+
+def test_ranks_agree_to_skip_and_a_rank_without_evaluation_episodes_takes_part(
+    tmp_path, data_dir, real_cache_dir
+):
+    """A NaN loss on rank 1 only: both ranks skip that update (no hang, no error) and the
+    run equals one process that skips it; 1 validation episode for 2 ranks works."""
+    common = [*NAN_AT_STEP_2, "model.nonfinite=skip", "trainer.precision=64-true"]
+    common += ["trainer.max_steps=4", "trainer.val_check_interval=4", "data.val_episodes=1"]
+    common += ["data.test_episodes=3"]
+    single = run_tiny(tmp_path / "one", data_dir, real_cache_dir, *common)
+    spawned = run_tiny(
+        tmp_path / "two", data_dir, real_cache_dir, "trainer=ddp_cpu", "+model.nan_rank=1", *common
+    )
+    reference = parameters(tmp_path / "one" / "checkpoints" / "last.ckpt")
+    two = read_checkpoint(tmp_path / "two" / "checkpoints" / "last.ckpt")
+    assert two["global_step"] == 4 and two["skipped_batches"] == 1
+    assert max_difference(reference, two["state_dict"]) <= 1e-6
+    assert spawned["val/acc"] == pytest.approx(single["val/acc"], abs=1e-9)
+    report = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert report["episodes"] == 3
+    assert report["accuracy"] == pytest.approx(single["test/accuracy"], abs=1e-9)
+
+
+def test_a_run_in_which_every_step_was_skipped_fails(tmp_path, data_dir, real_cache_dir):
+    result = cli(
+        "train.py",
+        [
+            *TINY,
+            "model.inner_lr=1e38",
+            "model.nonfinite=skip",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        data_dir,
+        real_cache_dir,
+    )
+    assert result.returncode == 2
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "every training step (3)" in line and "model.inner_lr" in line
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_a_finite_but_exploding_loss_is_reported_once(tmp_path, data_dir, real_cache_dir):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_tiny(tmp_path / "fine", data_dir, real_cache_dir, "test=false")
+    assert not [w for w in caught if "diverging" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run_tiny(
+            tmp_path / "exploding",
+            data_dir,
+            real_cache_dir,
+            "model.inner_lr=1e6",
+            "model.learn_inner_lr=false",
+            "test=false",
+        )
+    assert math.isfinite(metrics["train/loss"]) and metrics["train/loss"] > 100
+    (warning,) = [str(w.message) for w in caught if "diverging" in str(w.message)]
+    assert "inner lr 1e+06" in warning and "lower model.inner_lr" in warning
+
+
+def test_reports_hold_no_bare_nan(tmp_path):
+    path = write_json(
+        {"accuracy": 0.5, "loss": float("nan"), "curve": [1.0, float("inf")]}, tmp_path / "r.json"
+    )
+    assert json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(name)) == {
+        "accuracy": 0.5,
+        "loss": None,
+        "curve": [1.0, None],
+    }
+
+
+def test_plain_ddp_launched_as_a_user_launches_it_trains_and_resumes_exactly(
+    tmp_path, data_dir, real_cache_dir
+):
+    """`python train.py trainer=ddp_cpu trainer.strategy=ddp` (ranks started by re-running
+    the command), 2 steps, then ckpt_path=last to 4 steps: the parameters of one process
+    trained 4 steps straight."""
+    common = [*TINY, "trainer.precision=64-true", "trainer.val_check_interval=2"]
+    run_tiny(
+        tmp_path / "one",
+        data_dir,
+        real_cache_dir,
+        *common[len(TINY) :],
+        "trainer.max_steps=4",
+        "test=false",
+    )
+    ddp = [*common, "trainer=ddp_cpu", "trainer.strategy=ddp", f"hydra.run.dir={tmp_path / 'ddp'}"]
+    first = cli("train.py", [*ddp, "trainer.max_steps=2", "test=false"], data_dir, real_cache_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = cli(
+        "train.py", [*ddp, "trainer.max_steps=4", "ckpt_path=last"], data_dir, real_cache_dir
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = read_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4
+    reference = parameters(tmp_path / "one" / "checkpoints" / "last.ckpt")
+    assert max_difference(reference, last["state_dict"]) <= 1e-6
+    report = json.loads((tmp_path / "ddp" / "eval.json").read_text())
+    assert report["episodes"] == 5  # the test episodes of both ranks, each once
+
+
+def test_statistics_over_the_meta_batch_are_per_rank_and_say_so(tmp_path, data_dir, real_cache_dir):
+    """batch_stats=meta_batch on 2 ranks normalizes over each rank's 2 episodes, not all 4:
+    the run warns, and its updates differ from one process (per-episode settings match,
+    see test_operations.py::test_two_ranks_match_one_process)."""
+    common = ["model.batch_stats=meta_batch", "trainer.precision=64-true", "test=false"]
+    common += ["trainer.max_steps=2", "trainer.val_check_interval=2"]
+    run_tiny(tmp_path / "one", data_dir, real_cache_dir, *common)
+    with pytest.warns(UserWarning, match="over each rank's 2 episodes of the meta-batch of 4"):
+        run_tiny(tmp_path / "two", data_dir, real_cache_dir, "trainer=ddp_cpu", *common)
+    one = parameters(tmp_path / "one" / "checkpoints" / "last.ckpt")
+    two = parameters(tmp_path / "two" / "checkpoints" / "last.ckpt")
+    assert max_difference(one, two) > 1e-4
