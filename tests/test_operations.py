@@ -426,20 +426,25 @@ def test_wandb_offline_run_records_the_metrics(tmp_path, data_dir, real_cache_di
 def test_training_continues_when_wandb_cannot_start(
     tmp_path, data_dir, real_cache_dir, monkeypatch
 ):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    """An online run with a key but no server gives up after logger.wandb.init_timeout
+    (wandb alone waits about 100 s) and says so in one line."""
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
-    with pytest.warns(UserWarning, match="wandb could not start"):
+    with pytest.warns(UserWarning, match="wandb could not start") as caught:
         metrics = run_tiny(
             tmp_path,
             data_dir,
             real_cache_dir,
             "logger=wandb",
+            "logger.wandb.init_timeout=2",
             "trainer.max_steps=2",
             "trainer.val_check_interval=2",
         )
     assert "train/loss" in metrics
+    (message,) = [str(w.message) for w in caught if "wandb could not start" in str(w.message)]
+    assert "within logger.wandb.init_timeout=2 s" in message and "\n" not in message
 
 
 # -- robustness ----------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from recorder import read_records
 from test_operations import TINY, cli, max_difference, parameters, run_tiny
 
 from metalearn.checkpoint import read_checkpoint
+from metalearn.errors import ConfigError
 from metalearn.reports import write_json
+from metalearn.utils.console import user_error
 
 NAN_AT_STEP_2 = ["model._target_=faulty.NaNAtSteps", "+model.nan_steps=[2]"]
 
@@ -186,3 +188,26 @@ def test_statistics_over_the_meta_batch_are_per_rank_and_say_so(tmp_path, data_d
     one = parameters(tmp_path / "one" / "checkpoints" / "last.ckpt")
     two = parameters(tmp_path / "two" / "checkpoints" / "last.ckpt")
     assert max_difference(one, two) > 1e-4
+
+
+def test_an_error_in_a_spawned_rank_is_one_line(tmp_path, data_dir, real_cache_dir):
+    """ddp_spawn ranks send their exceptions back as text: the entry point still prints
+    the user's error as one line (here a NaN loss on both ranks at step 0)."""
+    args = [*TINY, "trainer=ddp_cpu", "model.inner_lr=1e38", "model.learn_inner_lr=false"]
+    result = cli("train.py", [*args, f"hydra.run.dir={tmp_path}"], data_dir, real_cache_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "the training loss is nan at step 0" in line and "model.nonfinite=skip" in line
+
+
+def test_user_error_rebuilds_only_metalearn_errors_of_spawned_ranks():
+    from torch.multiprocessing.spawn import ProcessRaisedException
+
+    def raised(last_line: str) -> ProcessRaisedException:
+        text = f"\n\n-- Process 1 terminated with the following error:\nTraceback:\n  ...\n{last_line}\n"
+        return ProcessRaisedException(text, 1, 123)
+
+    error = user_error(raised("metalearn.errors.ConfigError: data.meta_batch=3 must be ..."))
+    assert isinstance(error, ConfigError) and str(error) == "data.meta_batch=3 must be ..."
+    assert user_error(raised("ValueError: data.meta_batch=3")) is None
+    assert user_error(raised("metalearn.lightning.module.HyperRepresentation: x")) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import netrc
 import os
 import warnings
@@ -13,6 +14,8 @@ from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 
 __all__ = ["CSVLogger", "wandb_credentials_available", "resolve_wandb_mode", "wandb_logger"]
+
+log = logging.getLogger(__name__)
 
 
 class CSVLogger(LightningCSVLogger):
@@ -93,17 +96,28 @@ def wandb_logger(
     save_dir: str = ".",
     mode: str | None = None,
     log_model: bool = False,
+    init_timeout: float = 10.0,
     **kwargs: Any,
 ) -> Any:
     """A Lightning ``WandbLogger``, offline when there are no credentials.
 
-    Returns ``None`` (no logger, with a warning) when wandb cannot start, so a broken
-    wandb setup never stops training.
+    An online run that cannot reach the server gives up after ``init_timeout`` seconds
+    (wandb's own default waits 90 s and retries beyond it). Returns ``None`` (no logger,
+    with a warning) when wandb cannot start, so a broken wandb setup never stops training.
     """
+    import wandb
     from pytorch_lightning.loggers import WandbLogger
 
     mode = resolve_wandb_mode(mode)
     os.makedirs(save_dir, exist_ok=True)
+    if mode == "online":
+        log.info(
+            "wandb: starting an online run (giving up after %g s: logger.wandb.init_timeout)",
+            init_timeout,
+        )
+        settings = kwargs.pop("settings", None) or wandb.Settings()
+        settings.init_timeout = init_timeout
+        kwargs["settings"] = settings
     try:
         logger = WandbLogger(
             project=project,
@@ -118,6 +132,11 @@ def wandb_logger(
         )
         logger.experiment  # noqa: B018  (start the run now, so failures surface here)
     except Exception as err:  # wandb raises many types; none of them may stop training
-        warnings.warn(f"wandb could not start ({err}); training continues without it", stacklevel=2)
+        limit = f" within logger.wandb.init_timeout={init_timeout:g} s" if mode == "online" else ""
+        message = " ".join(str(err).split())
+        warnings.warn(
+            f"wandb could not start{limit} ({message}); training continues without it",
+            stacklevel=2,
+        )
         return None
     return logger
