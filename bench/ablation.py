@@ -10,6 +10,7 @@ accuracy, inner lr, steps, wall seconds) and printed as a markdown table at the 
     python bench/ablation.py --suite baselines --experiment omniglot_5w5s \
         --out bench/results/baselines.jsonl
     python bench/ablation.py --suite protocols --out bench/results/protocols.jsonl
+    python bench/ablation.py --suite guard --out bench/results/guard.jsonl
     python bench/ablation.py --collect support_10k=logs/repro/omniglot_5w1s_support \
         --hardware "2 CPU threads" --out bench/results/protocols.jsonl
 """
@@ -73,6 +74,14 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "classical": ["algorithm=classical"],
         "classical_J200": ["algorithm=classical", "model.pool_episodes=200"],
     },
+    # The accuracy guard of `make test` (tests/test_pipeline.py, trained_run): its spread
+    # over seeds, and regressions it must catch, at its budget.
+    "guard": {
+        **{f"seed_{seed}": [f"seed={seed}"] for seed in range(5)},
+        "regression_uncentered": ["model.center_features=false"],
+        "regression_first_order": ["model.first_order=true"],
+        "regression_5way_training": ["data.train_ways=null"],
+    },
     # One experiment under each normalization (README, "Protocols"); split is the default of
     # omniglot_5w1s.
     "protocols": {
@@ -100,6 +109,13 @@ SUITE_DEFAULTS: dict[str, dict[str, object]] = {
         "steps": 1000,
         "val_every": 500,
         "val_episodes": 200,
+    },
+    "guard": {
+        "experiment": "omniglot_5w1s",
+        "base": [],
+        "steps": 150,
+        "val_every": 75,
+        "val_episodes": 100,
     },
     "protocols": {
         "experiment": "omniglot_5w1s",

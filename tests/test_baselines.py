@@ -369,12 +369,14 @@ def test_algorithm_trains_tests_and_evaluate_rebuilds_it(
 
 
 def test_protonet_learns_on_real_omniglot(tmp_path, data_dir, real_cache_dir):
-    """5-way 1-shot, 150 steps: well above chance (20%) on held-out characters."""
+    """5-way 1-shot, 150 steps on 5-way training episodes: well above chance (20%) on
+    held-out characters (73.1% measured)."""
     cfg = compose_config(
         "train",
         [
             "experiment=omniglot_5w1s",
             "algorithm=protonet",
+            "data.train_ways=null",
             "logger=none",
             "trainer.max_steps=150",
             "trainer.val_check_interval=150",

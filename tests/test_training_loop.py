@@ -7,14 +7,19 @@ import math
 import warnings
 
 import pytest
+import pytorch_lightning as pl
 from recorder import read_records
 from test_operations import TINY, cli, max_difference, parameters, run_tiny
 
 from metalearn.checkpoint import read_checkpoint
+from metalearn.data.datamodule import EpisodicDataModule
 from metalearn.errors import ConfigError
+from metalearn.lightning import HyperRepresentation
+from metalearn.pipeline import _warn_per_rank_statistics
 from metalearn.reports import write_json
 from metalearn.utils.console import user_error
 
+CONV4 = {"_target_": "metalearn.models.ConvBackbone"}
 NAN_AT_STEP_2 = ["model._target_=faulty.NaNAtSteps", "+model.nan_steps=[2]"]
 
 
@@ -37,7 +42,7 @@ def test_a_skipped_meta_batch_is_a_step_and_a_resume_neither_replays_nor_drops_o
     leaves parameters and optimizer state alone, and 3 + 3 resumed steps give 6 straight."""
     common = [*NAN_AT_STEP_2, "model.nonfinite=skip", "test=false", "trainer.val_check_interval=3"]
     common += ["callbacks.last_checkpoint.every_n_train_steps=1"]
-    with pytest.warns(UserWarning, match="at step 2.*skipping this meta-batch"):
+    with pytest.warns(UserWarning, match="at step 2.*skipping this meta-batch") as caught:
         run_tiny(
             tmp_path / "straight",
             data_dir,
@@ -46,6 +51,8 @@ def test_a_skipped_meta_batch_is_a_step_and_a_resume_neither_replays_nor_drops_o
             "trainer.max_steps=6",
             *record(tmp_path / "ids"),
         )
+    # A learning run is never reported as diverging (the warning below is for real ones).
+    assert not [w for w in caught if "diverging" in str(w.message)]
     steps = read_records(tmp_path / "ids")[0]
     assert [row["step"] for row in steps] == list(range(6))
     assert [row["ids"] for row in steps] == [list(range(4 * s, 4 * s + 4)) for s in range(6)]
@@ -118,12 +125,8 @@ def test_a_run_in_which_every_step_was_skipped_fails(tmp_path, data_dir, real_ca
 def test_a_finite_but_exploding_loss_is_reported_once(tmp_path, data_dir, real_cache_dir):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_tiny(tmp_path / "fine", data_dir, real_cache_dir, "test=false")
-    assert not [w for w in caught if "diverging" in str(w.message)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
         metrics = run_tiny(
-            tmp_path / "exploding",
+            tmp_path / "run",
             data_dir,
             real_cache_dir,
             "model.inner_lr=1e6",
@@ -176,18 +179,23 @@ def test_plain_ddp_launched_as_a_user_launches_it_trains_and_resumes_exactly(
     assert report["episodes"] == 5  # the test episodes of both ranks, each once
 
 
-def test_statistics_over_the_meta_batch_are_per_rank_and_say_so(tmp_path, data_dir, real_cache_dir):
-    """batch_stats=meta_batch on 2 ranks normalizes over each rank's 2 episodes, not all 4:
-    the run warns, and its updates differ from one process (per-episode settings match,
-    see test_operations.py::test_two_ranks_match_one_process)."""
-    common = ["model.batch_stats=meta_batch", "trainer.precision=64-true", "test=false"]
-    common += ["trainer.max_steps=2", "trainer.val_check_interval=2"]
-    run_tiny(tmp_path / "one", data_dir, real_cache_dir, *common)
-    with pytest.warns(UserWarning, match="over each rank's 2 episodes of the meta-batch of 4"):
-        run_tiny(tmp_path / "two", data_dir, real_cache_dir, "trainer=ddp_cpu", *common)
-    one = parameters(tmp_path / "one" / "checkpoints" / "last.ckpt")
-    two = parameters(tmp_path / "two" / "checkpoints" / "last.ckpt")
-    assert max_difference(one, two) > 1e-4
+@pytest.mark.parametrize("batch_stats", ["meta_batch", "running", "episode"])
+def test_statistics_over_the_meta_batch_on_several_ranks_are_named(batch_stats):
+    """meta_batch (and running, in training) normalize over each rank's slice of the
+    meta-batch: a 2-rank trainer says so before training; per-episode settings do not."""
+    model = HyperRepresentation(CONV4, batch_stats=batch_stats)
+    data = EpisodicDataModule(meta_batch=4)
+    trainer = pl.Trainer(accelerator="cpu", strategy="ddp_spawn", devices=2, logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_per_rank_statistics(trainer, model, data)
+    messages = [str(w.message) for w in caught if "rank's" in str(w.message)]
+    if batch_stats == "episode":
+        assert messages == []
+    else:
+        (message,) = messages
+        assert f"model.batch_stats={batch_stats} on 2 ranks" in message
+        assert "over each rank's 2 episodes of the meta-batch of 4" in message
 
 
 def test_an_error_in_a_spawned_rank_is_one_line(tmp_path, data_dir, real_cache_dir):
