@@ -110,3 +110,27 @@ def compose_config(
         del cfg.hydra
     GlobalHydra.instance().clear()
     return cfg
+
+
+def train_entry_point(
+    overrides: list[str],
+    output_dir: Path,
+    data_dir: Path,
+    cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> tuple[int, str]:
+    """Run in-process what ``python train.py OVERRIDES`` runs (the group-choice check,
+    composition, the one-line error wrapper around training); return the exit status and
+    stderr. Much cheaper than a subprocess; tests that need the script itself use one."""
+    from metalearn.pipeline import train
+    from metalearn.utils.console import check_group_choices, exit_on_user_error
+
+    capsys.readouterr()
+    code = 0
+    try:
+        check_group_choices(CONF, overrides)
+        cfg = compose_config("train", overrides, output_dir, data_dir, cache_dir)
+        exit_on_user_error(train)(cfg)
+    except SystemExit as exit:
+        code = int(exit.code or 0)
+    return code, capsys.readouterr().err

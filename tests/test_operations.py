@@ -15,7 +15,7 @@ import hydra.utils
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, train_entry_point
 from recorder import read_records as read_episode_records
 from wandb_records import logged_keys, wait_until_written
 
@@ -519,12 +519,20 @@ def test_diverging_meta_batches_can_be_skipped(tmp_path, data_dir, real_cache_di
         (["paths.cache_dir=/proc/metalearn-cache"], ("/proc/metalearn-cache",)),
     ],
 )
-def test_user_errors_are_one_line(args, fragments, tmp_path, data_dir, real_cache_dir):
-    result = cli("train.py", [*TINY, f"paths.log_dir={tmp_path}", *args], data_dir, real_cache_dir)
-    assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+def test_user_errors_are_one_line(args, fragments, tmp_path, data_dir, real_cache_dir, capsys):
+    """In-process, what train.py runs; the first case also through the script itself."""
+    overrides = [*TINY, f"paths.log_dir={tmp_path}", *args]
+    code, stderr = train_entry_point(overrides, tmp_path / "run", data_dir, real_cache_dir, capsys)
+    if args == ["experiment=nope"]:
+        result = cli("train.py", overrides, data_dir, real_cache_dir)
+        errors = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+        assert result.returncode == code and errors == [
+            x for x in stderr.splitlines() if x.startswith("error:")
+        ]
+    assert code == 2, stderr[-3000:]
+    (line,) = [x for x in stderr.splitlines() if x.startswith("error:")]
     assert all(part in line for part in fragments), line
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
 
 
 def test_resume_with_a_different_model_says_what_differs(

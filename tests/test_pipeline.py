@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, train_entry_point
 
 import metalearn
 from metalearn.data import load_omniglot_image
 from metalearn.lightning import HyperRepresentation
-from metalearn.pipeline import train
+from metalearn.pipeline import evaluate, train
 from metalearn.utils.console import exit_on_user_error
 
 REPORT_KEYS = {
@@ -167,12 +167,8 @@ def test_user_errors_are_one_line(args, message, data_dir, real_cache_dir, tmp_p
         result = run_cli("train.py", ["logger=none", *args], data_dir, real_cache_dir, tmp_path)
         code, stderr = result.returncode, result.stderr
     else:
-        cfg = compose_config(
-            "train", ["logger=none", *args], tmp_path / "run", data_dir, real_cache_dir
-        )
-        with pytest.raises(SystemExit) as caught:
-            exit_on_user_error(train)(cfg)
-        code, stderr = caught.value.code, capsys.readouterr().err
+        overrides = ["logger=none", *args]
+        code, stderr = train_entry_point(overrides, tmp_path, data_dir, real_cache_dir, capsys)
     assert code == 2, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], stderr[-3000:]
@@ -182,7 +178,7 @@ def test_user_errors_are_one_line(args, message, data_dir, real_cache_dir, tmp_p
 
 @pytest.mark.parametrize("batch_stats", ["support", "running"])
 def test_inductive_settings_train_and_evaluate_end_to_end(
-    batch_stats, data_dir, real_cache_dir, tmp_path
+    batch_stats, data_dir, real_cache_dir, tmp_path, capsys
 ):
     """train.py and evaluate.py, as a user runs them, with each inductive setting: the run
     learns, and every report names its protocol."""
@@ -229,32 +225,29 @@ def test_inductive_settings_train_and_evaluate_end_to_end(
     assert evaluated["protocol"] == "inductive" and evaluated["batch_stats"] == batch_stats
     assert evaluated["accuracy"] == pytest.approx(report["accuracy"], abs=1e-6)
     assert label in (evaluation / "report.md").read_text() and label in result.stdout
+    # In-process from here (evaluate.py's entry point around the same function).
     if batch_stats == "support":
         # The same checkpoint under a transductive protocol, chosen at test time.
-        result = run_cli(
-            "evaluate.py",
-            [
-                f"ckpt_path={ckpt}",
-                "episodes=20",
-                "batch_stats=episode",
-                f"hydra.run.dir={tmp_path / 'episode'}",
-            ],
+        cfg = compose_config(
+            "eval",
+            [f"ckpt_path={ckpt}", "episodes=20", "batch_stats=episode"],
+            tmp_path / "episode",
             data_dir,
             real_cache_dir,
-            tmp_path,
         )
-        assert result.returncode == 0, result.stderr[-3000:]
-        switched = json.loads((tmp_path / "episode" / "eval.json").read_text())
+        switched = evaluate(cfg)
         assert (switched["protocol"], switched["batch_stats"]) == ("transductive", "episode")
     # Running averages exist only in a model trained with them: one line, exit 2.
     other = "support" if batch_stats == "running" else "running"
-    result = run_cli(
-        "evaluate.py",
-        [f"ckpt_path={ckpt}", f"batch_stats={other}", f"hydra.run.dir={tmp_path / 'bad'}"],
+    cfg = compose_config(
+        "eval",
+        [f"ckpt_path={ckpt}", f"batch_stats={other}"],
+        tmp_path / "bad",
         data_dir,
         real_cache_dir,
-        tmp_path,
     )
-    assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and f"batch_stats={other}" in errors[0], result.stderr[-2000:]
+    with pytest.raises(SystemExit) as caught:
+        exit_on_user_error(evaluate)(cfg)
+    assert caught.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"batch_stats={other}" in errors[0]
