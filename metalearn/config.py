@@ -313,6 +313,13 @@ def check_config(cfg: DictConfig | Mapping[str, Any], schema: type) -> None:
     """
     plain: dict[str, Any]
     if isinstance(cfg, DictConfig):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(
+                f"{missing[0]} has no value (??? in the config): set it, e.g. "
+                f"{missing[0]}=..."
+                + (" (the folder of your images)" if missing[0] == "data.root" else "")
+            )
         try:
             plain = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         except Exception as err:

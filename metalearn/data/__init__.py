@@ -1,6 +1,6 @@
 """Data sets, splits, episode sampling and DataModules."""
 
-from metalearn.data.datamodule import EpisodicDataModule, OmniglotDataModule
+from metalearn.data.datamodule import EpisodicDataModule, FolderDataModule, OmniglotDataModule
 from metalearn.data.download import download_file
 from metalearn.data.episodes import EpisodeBatch, EpisodeSampler, FixedEpisodes, TrainEpisodes
 from metalearn.data.miniimagenet import (
@@ -24,6 +24,7 @@ __all__ = [
     "EpisodeBatch",
     "EpisodeSampler",
     "EpisodicDataModule",
+    "FolderDataModule",
     "FixedEpisodes",
     "MiniImageNetDataModule",
     "MiniImageNetSplit",

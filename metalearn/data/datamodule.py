@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from metalearn.data.cache import cached_class_images, file_listing
 from metalearn.data.episodes import (
     DATA_KEYS,
     EpisodeSampler,
@@ -17,6 +21,7 @@ from metalearn.data.episodes import (
     TrainEpisodes,
     check_episode_geometry,
 )
+from metalearn.data.folder import decode_image, find_classes
 from metalearn.data.omniglot import (
     OMNIGLOT_SPLITS,
     OmniglotCharacters,
@@ -24,9 +29,12 @@ from metalearn.data.omniglot import (
     prepare_omniglot,
     split_characters,
 )
+from metalearn.data.storage import ClassImages
 from metalearn.errors import ConfigError
 
-__all__ = ["EpisodicDataModule", "OmniglotDataModule", "SPLIT_NAMES"]
+log = logging.getLogger(__name__)
+
+__all__ = ["EpisodicDataModule", "FolderDataModule", "OmniglotDataModule", "SPLIT_NAMES"]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -112,8 +120,9 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.samplers: dict[str, EpisodeSampler] = {}
 
     # -- to implement -------------------------------------------------------------------
-    def load_splits(self) -> dict[str, Tensor]:
-        """Return ``{"train", "val", "test"}`` -> uint8 (classes, per_class, C, H, W)."""
+    def load_splits(self) -> Mapping[str, Tensor | ClassImages]:
+        """Return ``{"train", "val", "test"}`` -> uint8 (classes, per_class, C, H, W) or
+        :class:`~metalearn.data.storage.ClassImages` (classes of different sizes)."""
         raise NotImplementedError
 
     # -- Lightning hooks ----------------------------------------------------------------
@@ -149,7 +158,7 @@ class EpisodicDataModule(pl.LightningDataModule):
             {name: images for name, images in self.load_splits().items() if name in needed}
         )
 
-    def use_splits(self, splits: dict[str, Tensor]) -> None:
+    def use_splits(self, splits: Mapping[str, Tensor | ClassImages]) -> None:
         """Sample episodes of this module's geometry from already loaded splits (another
         module's ``loaded_splits``, so that several test geometries read the data once)."""
         device = self.sampling_device()
@@ -167,7 +176,7 @@ class EpisodicDataModule(pl.LightningDataModule):
             )
 
     @property
-    def loaded_splits(self) -> dict[str, Tensor]:
+    def loaded_splits(self) -> dict[str, Tensor | ClassImages]:
         """Split name -> the uint8 images of every split set up so far."""
         return {split: sampler.images for split, sampler in self.samplers.items()}
 
@@ -280,3 +289,99 @@ class OmniglotDataModule(EpisodicDataModule):
             name: with_rotations(chars.images[torch.from_numpy(index[name])], self.rotations)
             for name in SPLIT_NAMES
         }
+
+
+class FolderDataModule(EpisodicDataModule):
+    """Episodes from a folder of images of your own (``data=folder``), see
+    :mod:`metalearn.data.folder` for the three layouts.
+
+    Images are decoded once (in parallel, with a progress bar) into a uint8 cache under
+    ``cache_dir`` keyed by the files and the preprocessing, and read memory-mapped, so a
+    split need not fit in RAM. Classes may hold different numbers of images.
+
+    Args:
+        root: the folder of the images.
+        split_file: JSON ``{"train": [class, ...], "val": [...], "test": [...]}``.
+        csv_dir: folder of ``train.csv``, ``val.csv``, ``test.csv`` (``filename,label``).
+        image_size: side of the images after resizing.
+        channels: 1 (grayscale) or 3 (RGB).
+        min_images_per_class: drop classes with fewer images, with a warning (None: keep
+            all; a class too small for an episode is then an error naming it).
+        cache_dir: where the decoded cache is written (``paths.cache_dir``).
+        decode_workers: threads decoding images.
+        progress: show a progress bar while decoding.
+        **kwargs: episode geometry and loaders, see :class:`EpisodicDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split_file: str | Path | None = None,
+        csv_dir: str | Path | None = None,
+        image_size: int = 84,
+        channels: int = 3,
+        min_images_per_class: int | None = None,
+        cache_dir: str | Path = ".cache",
+        decode_workers: int = 4,
+        progress: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
+        if image_size < 1:
+            raise ConfigError(f"data.image_size must be >= 1, got {image_size}")
+        if split_file is not None and csv_dir is not None:
+            raise ConfigError("give data.split_file or data.csv_dir, not both")
+        self.save_hyperparameters()
+        self.root, self.split_file, self.csv_dir = Path(root), split_file, csv_dir
+        self.image_size, self.channels = image_size, channels
+        self.min_images_per_class = min_images_per_class
+        self.cache_dir, self.decode_workers, self.progress = (
+            Path(cache_dir),
+            decode_workers,
+            progress,
+        )
+
+    def load_splits(self) -> dict[str, Tensor | ClassImages]:
+        splits = find_classes(self.root, self.split_file, self.csv_dir)
+        decode = partial(decode_image, image_size=self.image_size, channels=self.channels)
+        shape = (self.channels, self.image_size, self.image_size)
+        out: dict[str, Tensor | ClassImages] = {}
+        for split, classes in splits.items():
+            if self.min_images_per_class:
+                small = [name for name, files in classes if len(files) < self.min_images_per_class]
+                if small:
+                    log.warning(
+                        "data.min_images_per_class=%d: dropping %d %s classes (%s)",
+                        self.min_images_per_class,
+                        len(small),
+                        split,
+                        ", ".join(small[:5]) + (", ..." if len(small) > 5 else ""),
+                    )
+                classes = [c for c in classes if len(c[1]) >= self.min_images_per_class]
+                if not classes:
+                    raise ConfigError(
+                        f"data.min_images_per_class={self.min_images_per_class} leaves no "
+                        f"{split} class"
+                    )
+            files = [path for _, paths in classes for path in paths]
+            key = {
+                "root": str(self.root.resolve()),
+                "files": file_listing(files, self.root),
+                "names": [name for name, _ in classes],
+                "image_size": self.image_size,
+                "channels": self.channels,
+                "resize": "bilinear",
+            }
+            out[split] = cached_class_images(
+                self.cache_dir,
+                f"folder_{split}",
+                key,
+                classes,
+                shape,
+                decode,
+                self.progress,
+                self.decode_workers,
+            )
+        return out

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
+from metalearn.data.storage import ClassImages
 from metalearn.errors import ConfigError
 
 __all__ = [
@@ -68,7 +69,7 @@ def _split_code(split: str) -> int:
 
 
 class EpisodeSampler:
-    """Draws episodes from a split stored as one uint8 tensor, indexed by class.
+    """Draws episodes from a split, indexed by class.
 
     Episode ``i`` is a pure function of ``(seed, split, i)``: its random generator is
     ``numpy.random.default_rng([seed, crc32(split), i])``. It picks N distinct classes (the
@@ -77,8 +78,14 @@ class EpisodeSampler:
     images are distinct; with ``disjoint=False`` they are drawn independently, so a query
     image may repeat a support image, as in the paper's public sampler.
 
+    Positions within a class are the order of ``rng.random`` values drawn for the largest
+    class, cut to the class's own count; with as many images in every class this is the
+    sampler's definition for a (classes, per_class, ...) tensor.
+
     Args:
-        images: (num_classes, images_per_class, C, H, W) uint8 tensor of the split.
+        images: the split: a (num_classes, images_per_class, C, H, W) uint8 tensor or a
+            :class:`~metalearn.data.storage.ClassImages` (classes of different sizes, maybe
+            memory-mapped).
         ways: N.
         shots: K, support images per class.
         query_shots: Q, query images per class.
@@ -90,7 +97,7 @@ class EpisodeSampler:
 
     def __init__(
         self,
-        images: Tensor,
+        images: Tensor | ClassImages,
         ways: int,
         shots: int,
         query_shots: int,
@@ -100,35 +107,68 @@ class EpisodeSampler:
         keys: Sequence[str] = DATA_KEYS,
     ) -> None:
         check_episode_geometry(ways, shots, query_shots, keys)
-        if images.dim() != 5 or images.dtype != torch.uint8:
+        if isinstance(images, Tensor) and (images.dim() != 5 or images.dtype != torch.uint8):
             raise ValueError(
                 f"images must be a uint8 tensor (classes, per_class, C, H, W), got "
                 f"{images.dtype} {tuple(images.shape)}"
             )
-        num_classes, per_class = images.shape[:2]
-        if ways > num_classes:
+        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.seed, self.split, self.disjoint = seed, split, disjoint
+        self._code = _split_code(split)
+        self.images = images
+        store = self._store
+        if ways > store.num_classes:
             raise ConfigError(
-                f"{keys[0]}={ways} is more than the {num_classes} classes of the {split!r} split"
+                f"{keys[0]}={ways} is more than the {store.num_classes} classes of the "
+                f"{split!r} split"
             )
         needed = shots + query_shots if disjoint else max(shots, query_shots)
-        if needed > per_class:
+        counts = store.counts
+        fewest = int(np.argmin(counts))
+        if needed > counts[fewest]:
             what = (
                 f"{keys[1]} + {keys[2]} = {shots} + {query_shots}"
                 if disjoint
                 else f"max({keys[1]}, {keys[2]}) = {needed}"
             )
-            raise ConfigError(
-                f"{what} is more than the {per_class} images per class of the {split!r} split; "
-                f"lower {keys[1]} or {keys[2]}"
+            where = (
+                f"the {counts[fewest]} images per class"
+                if self._uniform
+                else f"the {counts[fewest]} images of class {store.name(fewest)!r}"
             )
-        self.images = images
-        self.ways, self.shots, self.query_shots = ways, shots, query_shots
-        self.seed, self.split, self.disjoint = seed, split, disjoint
-        self._code = _split_code(split)
+            raise ConfigError(
+                f"{what} is more than {where} of the {split!r} split; lower {keys[1]} or "
+                f"{keys[2]}"
+                + ("" if self._uniform else ", or drop such classes (data.min_images_per_class)")
+            )
+
+    @property
+    def images(self) -> Tensor | ClassImages:
+        """The split as given (a 5-D tensor or :class:`ClassImages`); assign to move it."""
+        return self._images
+
+    @images.setter
+    def images(self, images: Tensor | ClassImages) -> None:
+        self._images = images
+        store = images if isinstance(images, ClassImages) else ClassImages.from_tensor(images)
+        self._store = store
+        counts = store.counts
+        self._uniform = bool(np.all(counts == counts[0]))
+        self._widest = int(counts.max())
+        self._offsets = torch.from_numpy(store.offsets[:-1].copy()).to(store.images.device)
 
     @property
     def num_classes(self) -> int:
-        return int(self.images.shape[0])
+        return self._store.num_classes
+
+    def _positions(self, rng: np.random.Generator, classes: np.ndarray) -> np.ndarray:
+        """A random order of the images of each picked class: (N, widest) when every
+        class has as many images, else a list of per-class orders of their own length."""
+        values = rng.random((self.ways, self._widest))
+        if self._uniform:
+            return np.argsort(values, axis=1)
+        counts = self._store.counts[classes]
+        return [np.argsort(values[w, : counts[w]]) for w in range(self.ways)]  # type: ignore[return-value]
 
     def episode_indices(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Classes and image positions of episode ``index``.
@@ -138,29 +178,31 @@ class EpisodeSampler:
             picked, and for each the positions of its support and query images.
         """
         rng = np.random.default_rng([self.seed, self._code, index])
-        per_class = self.images.shape[1]
         classes = rng.choice(self.num_classes, size=self.ways, replace=False)
-        order = np.argsort(rng.random((self.ways, per_class)), axis=1)
-        support = order[:, : self.shots]
+        order = self._positions(rng, classes)
+        support = np.stack([row[: self.shots] for row in order])
         if self.disjoint:
-            query = order[:, self.shots : self.shots + self.query_shots]
+            query = np.stack([row[self.shots : self.shots + self.query_shots] for row in order])
         else:
-            query = np.argsort(rng.random((self.ways, per_class)), axis=1)[:, : self.query_shots]
+            again = self._positions(rng, classes)
+            query = np.stack([row[: self.query_shots] for row in again])
         return classes, support, query
 
     def sample(self, indices: Sequence[int]) -> EpisodeBatch:
         """Gather the episodes ``indices`` into one :class:`EpisodeBatch`."""
         picks = [self.episode_indices(int(i)) for i in indices]
-        device = self.images.device  # images may live on the training device
+        images = self._store.images
+        device = images.device  # images may live on the training device
 
         def stacked(part: int) -> Tensor:
             return torch.from_numpy(np.stack([p[part] for p in picks])).to(device)
 
-        classes, support_pos, query_pos = stacked(0)[:, :, None], stacked(1), stacked(2)
+        first = self._offsets[stacked(0)][:, :, None]  # (B, N, 1): each class's first image
+        support_pos, query_pos = first + stacked(1), first + stacked(2)
         batch = len(picks)
-        shape = self.images.shape[2:]
-        support = self.images[classes, support_pos].reshape(batch, -1, *shape)
-        query = self.images[classes, query_pos].reshape(batch, -1, *shape)
+        shape = images.shape[1:]
+        support = images[support_pos.flatten()].reshape(batch, -1, *shape)
+        query = images[query_pos.flatten()].reshape(batch, -1, *shape)
         labels = torch.arange(self.ways, device=device)
         return EpisodeBatch(
             support=support,

@@ -1,0 +1,136 @@
+"""The decoded-image cache: one uint8 ``.npy`` file per data set and preprocessing, read
+memory-mapped, so that a split need not fit in RAM.
+
+A cache entry is ``<cache_dir>/<kind>_<digest>.npy`` (the images, (N, C, H, W) uint8) and
+``<kind>_<digest>.json`` (class names and offsets). The digest covers the source listing
+(each file's path, size and modification time) and the preprocessing, so a changed file
+or setting makes a new entry. Both files are written to temporary files and renamed, the
+index last: a reader sees a whole entry or none.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metalearn.data.download import create_temp, one_line, progress_bar
+from metalearn.data.storage import ClassImages
+from metalearn.errors import DataError
+
+__all__ = ["cached_class_images", "cache_digest", "CACHE_FORMAT"]
+
+CACHE_FORMAT = 1
+
+
+def cache_digest(key: Mapping[str, Any]) -> str:
+    """A short hash of a JSON-serializable key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def file_listing(paths: Sequence[Path], root: Path) -> list[list[Any]]:
+    """(path relative to ``root``, size, mtime in ns) of each file: the cache key's view of
+    the source's content."""
+    listing = []
+    for path in paths:
+        stat = path.stat()
+        listing.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns])
+    return listing
+
+
+def _unwritable(what: str, cache_dir: Path, err: BaseException) -> DataError:
+    return DataError(
+        f"cannot write the {what} cache to {cache_dir} ({one_line(err)}); set "
+        f"paths.cache_dir / METALEARN_CACHE_DIR to a writable folder with space"
+    )
+
+
+def _read(images_path: Path, index_path: Path, shape: tuple[int, ...]) -> ClassImages | None:
+    """The cached entry, or None when it is absent, unreadable or of another shape."""
+    if not (images_path.is_file() and index_path.is_file()):
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+        array = np.load(images_path, mmap_mode="c")  # copy-on-write: never writes the file
+    except (OSError, ValueError):
+        return None
+    if index.get("format") != CACHE_FORMAT or array.shape != shape or array.dtype != np.uint8:
+        return None
+    return ClassImages(
+        torch.from_numpy(array), np.asarray(index["offsets"], np.int64), index["names"]
+    )
+
+
+def cached_class_images(
+    cache_dir: str | Path,
+    kind: str,
+    key: Mapping[str, Any],
+    classes: Sequence[tuple[str, Sequence[Path]]],
+    image_shape: tuple[int, int, int],
+    decode: Callable[[Path], np.ndarray],
+    progress: bool = True,
+    workers: int = 4,
+) -> ClassImages:
+    """The images of ``classes`` (name, files) decoded by ``decode`` (a file -> (C, H, W)
+    uint8 array of ``image_shape``), from the cache or decoded once into it (in parallel,
+    with a progress bar), memory-mapped.
+
+    Raises:
+        DataError: the cache folder cannot be written (one line, naming it).
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    digest = cache_digest({"format": CACHE_FORMAT, "shape": list(image_shape), **key})
+    images_path = cache_dir / f"{kind}_{digest}.npy"
+    index_path = images_path.with_suffix(".json")
+    counts = [len(files) for _, files in classes]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    shape = (int(offsets[-1]), *image_shape)
+    cached = _read(images_path, index_path, shape)
+    if cached is not None:
+        return cached
+    files = [path for _, paths in classes for path in paths]
+    temporaries: list[Path] = []
+    try:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = create_temp(cache_dir, images_path.name)
+            os.close(fd)
+            temporaries.append(tmp)
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        except OSError as err:
+            raise _unwritable(kind, cache_dir, err) from err
+        with (
+            progress_bar(progress, f"decoding {kind}", len(files), in_bytes=False) as advance,
+            concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool,
+        ):
+            for row, image in enumerate(pool.map(decode, files)):
+                array[row] = image
+                advance(1)
+        try:
+            array.flush()
+            del array
+            os.replace(tmp, images_path)
+            index = {"format": CACHE_FORMAT, "names": [name for name, _ in classes]}
+            index["offsets"] = offsets.tolist()
+            fd, tmp_index = create_temp(cache_dir, index_path.name)
+            temporaries.append(tmp_index)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(index, handle)
+            os.replace(tmp_index, index_path)
+        except OSError as err:
+            raise _unwritable(kind, cache_dir, err) from err
+    finally:
+        for tmp in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    result = _read(images_path, index_path, shape)
+    assert result is not None
+    return result
