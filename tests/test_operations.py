@@ -91,7 +91,8 @@ def single_process_run(tmp_path_factory, data_dir, real_cache_dir):
 
 
 def test_two_ranks_match_one_process(tmp_path, data_dir, real_cache_dir):
-    """2 ranks x 2 episodes give the outer updates of 1 process x 4 episodes: in float64
+    """2 ranks x 2 episodes (together the episodes of one rank) give the outer updates of
+    1 process x 4 episodes: in float64
     to rounding (<= 1e-6 after 3 Adam steps), with the tuned settings and a learned inner
     lr (an outer variable synchronized like the others)."""
     common = [
@@ -100,8 +101,32 @@ def test_two_ranks_match_one_process(tmp_path, data_dir, real_cache_dir):
         "trainer.precision=64-true",
         "model.learn_inner_lr=true",
     ]
-    single_metrics = run_tiny(tmp_path / "one", data_dir, real_cache_dir, *common)
-    metrics = run_tiny(tmp_path / "two", data_dir, real_cache_dir, "trainer=ddp_cpu", *common)
+    record = ["+callbacks.recorder._target_=recorder.RecordEpisodes"]
+    single_metrics = run_tiny(
+        tmp_path / "one",
+        data_dir,
+        real_cache_dir,
+        *common,
+        *record,
+        f"+callbacks.recorder.folder={tmp_path / 'ids1'}",
+    )
+    metrics = run_tiny(
+        tmp_path / "two",
+        data_dir,
+        real_cache_dir,
+        "trainer=ddp_cpu",
+        *common,
+        *record,
+        f"+callbacks.recorder.folder={tmp_path / 'ids2'}",
+    )
+    # Every rank draws distinct episodes; together exactly the episodes of one rank.
+    one, two = read_episode_records(tmp_path / "ids1"), read_episode_records(tmp_path / "ids2")
+    assert sorted(two) == [0, 1]
+    drawn = [i for rank in two.values() for row in rank for i in row["ids"]]
+    assert len(drawn) == len(set(drawn)) == 3 * 4  # no episode drawn twice across ranks
+    for step in range(3):
+        union = sorted(two[0][step]["ids"] + two[1][step]["ids"])
+        assert union == one[0][step]["ids"] == list(range(4 * step, 4 * step + 4))
     reference = parameters(tmp_path / "one" / "checkpoints" / "last.ckpt")
     spawned = parameters(tmp_path / "two" / "checkpoints" / "last.ckpt")
     assert max_difference(reference, spawned) <= 1e-6
@@ -164,37 +189,6 @@ def test_two_ranks_match_one_process_in_float32_to_float32_rounding(
         assert max_difference(runs[single], spawned) <= tolerance, single
 
 
-def test_two_ranks_draw_the_one_rank_stream(tmp_path, data_dir, real_cache_dir):
-    """Every rank draws distinct episodes; together exactly the episodes of one rank."""
-    record = ["+callbacks.recorder._target_=recorder.RecordEpisodes", "test=false"]
-    steps = ["trainer.max_steps=5", "trainer.val_check_interval=5"]
-    run_tiny(
-        tmp_path / "one",
-        data_dir,
-        real_cache_dir,
-        *steps,
-        *record,
-        f"+callbacks.recorder.folder={tmp_path / 'ids1'}",
-    )
-    run_tiny(
-        tmp_path / "two",
-        data_dir,
-        real_cache_dir,
-        "trainer=ddp_cpu",
-        *steps,
-        *record,
-        f"+callbacks.recorder.folder={tmp_path / 'ids2'}",
-    )
-    one = read_episode_records(tmp_path / "ids1")
-    two = read_episode_records(tmp_path / "ids2")
-    assert sorted(two) == [0, 1]
-    drawn = [i for rank in two.values() for row in rank for i in row["ids"]]
-    assert len(drawn) == len(set(drawn)) == 5 * 4  # no episode drawn twice across ranks
-    for step in range(5):
-        union = sorted(two[0][step]["ids"] + two[1][step]["ids"])
-        assert union == one[0][step]["ids"] == list(range(4 * step, 4 * step + 4))
-
-
 def test_multirun_sweep_with_ddp_is_correct(single_process_run, tmp_path, data_dir, real_cache_dir):
     """Plain ddp in a sweep re-launches the sweep; the pipeline switches it to ddp_spawn."""
     single, _ = single_process_run
@@ -230,10 +224,7 @@ def test_multirun_sweep_with_ddp_is_correct(single_process_run, tmp_path, data_d
 def test_resume_after_sigkill_is_exact(tmp_path, data_dir, real_cache_dir):
     args = [*TINY, "trainer.max_steps=20", "trainer.val_check_interval=10", "test=false"]
     args += ["logger=csv", "trainer.log_every_n_steps=1", "model.learn_inner_lr=true"]
-    straight = cli(
-        "train.py", [*args, f"hydra.run.dir={tmp_path / 'straight'}"], data_dir, real_cache_dir
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    run_tiny(tmp_path / "straight", data_dir, real_cache_dir, *args[len(TINY) :])  # in-process
 
     run_dir = tmp_path / "killed"
     record = [

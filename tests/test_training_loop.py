@@ -80,28 +80,6 @@ def test_a_skipped_meta_batch_is_a_step_and_a_resume_neither_replays_nor_drops_o
     assert max_difference(straight["state_dict"], parameters(ckpt)) == 0.0
 
 
-def test_ranks_agree_to_skip_and_a_rank_without_evaluation_episodes_takes_part(
-    tmp_path, data_dir, real_cache_dir
-):
-    """A NaN loss on rank 1 only: both ranks skip that update (no hang, no error) and the
-    run equals one process that skips it; 1 validation episode for 2 ranks works."""
-    common = [*NAN_AT_STEP_2, "model.nonfinite=skip", "trainer.precision=64-true"]
-    common += ["trainer.max_steps=4", "trainer.val_check_interval=4", "data.val_episodes=1"]
-    common += ["data.test_episodes=3"]
-    single = run_tiny(tmp_path / "one", data_dir, real_cache_dir, *common)
-    spawned = run_tiny(
-        tmp_path / "two", data_dir, real_cache_dir, "trainer=ddp_cpu", "+model.nan_rank=1", *common
-    )
-    reference = parameters(tmp_path / "one" / "checkpoints" / "last.ckpt")
-    two = read_checkpoint(tmp_path / "two" / "checkpoints" / "last.ckpt")
-    assert two["global_step"] == 4 and two["skipped_batches"] == 1
-    assert max_difference(reference, two["state_dict"]) <= 1e-6
-    assert spawned["val/acc"] == pytest.approx(single["val/acc"], abs=1e-9)
-    report = json.loads((tmp_path / "two" / "eval.json").read_text())
-    assert report["episodes"] == 3
-    assert report["accuracy"] == pytest.approx(single["test/accuracy"], abs=1e-9)
-
-
 def test_a_run_in_which_every_step_was_skipped_fails(tmp_path, data_dir, real_cache_dir):
     result = cli(
         "train.py",
@@ -149,34 +127,37 @@ def test_reports_hold_no_bare_nan(tmp_path):
     }
 
 
-def test_plain_ddp_launched_as_a_user_launches_it_trains_and_resumes_exactly(
+def test_plain_ddp_launched_as_a_user_launches_it_agrees_on_skips_and_resumes_exactly(
     tmp_path, data_dir, real_cache_dir
 ):
     """`python train.py trainer=ddp_cpu trainer.strategy=ddp` (ranks started by re-running
-    the command), 2 steps, then ckpt_path=last to 4 steps: the parameters of one process
-    trained 4 steps straight."""
-    common = [*TINY, "trainer.precision=64-true", "trainer.val_check_interval=2"]
-    run_tiny(
-        tmp_path / "one",
-        data_dir,
-        real_cache_dir,
-        *common[len(TINY) :],
-        "trainer.max_steps=4",
-        "test=false",
+    the command) for 2 steps, resumed to 4, with a NaN loss on rank 1 only at step 2 and 1
+    validation episode for 2 ranks: both ranks skip that update (no hang), the rank
+    without a validation episode takes part, and the run ends as one process trained 4
+    steps straight that skips the same meta-batch."""
+    common = [*TINY, *NAN_AT_STEP_2, "model.nonfinite=skip", "trainer.precision=64-true"]
+    common += ["trainer.val_check_interval=2", "data.val_episodes=1", "data.test_episodes=3"]
+    single = run_tiny(
+        tmp_path / "one", data_dir, real_cache_dir, *common[len(TINY) :], "trainer.max_steps=4"
     )
-    ddp = [*common, "trainer=ddp_cpu", "trainer.strategy=ddp", f"hydra.run.dir={tmp_path / 'ddp'}"]
+    run = tmp_path / "ddp"
+    ddp = [*common, "trainer=ddp_cpu", "trainer.strategy=ddp", "+model.nan_rank=1"]
+    ddp += [f"hydra.run.dir={run}"]
     first = cli("train.py", [*ddp, "trainer.max_steps=2", "test=false"], data_dir, real_cache_dir)
     assert first.returncode == 0, first.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
     resumed = cli(
-        "train.py", [*ddp, "trainer.max_steps=4", "ckpt_path=last"], data_dir, real_cache_dir
+        "train.py", [*ddp, "trainer.max_steps=4", f"ckpt_path={last}"], data_dir, real_cache_dir
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    last = read_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
-    assert last["global_step"] == 4
-    reference = parameters(tmp_path / "one" / "checkpoints" / "last.ckpt")
-    assert max_difference(reference, last["state_dict"]) <= 1e-6
-    report = json.loads((tmp_path / "ddp" / "eval.json").read_text())
-    assert report["episodes"] == 5  # the test episodes of both ranks, each once
+    checkpoint = read_checkpoint(last)
+    assert checkpoint["global_step"] == 4 and checkpoint["skipped_batches"] == 1
+    reference = read_checkpoint(tmp_path / "one" / "checkpoints" / "last.ckpt")
+    assert max_difference(reference["state_dict"], checkpoint["state_dict"]) <= 1e-6
+    assert checkpoint["val_acc_best"] == pytest.approx(reference["val_acc_best"], abs=1e-9)
+    report = json.loads((run / "eval.json").read_text())
+    assert report["episodes"] == 3  # the test episodes of both ranks, each once
+    assert report["accuracy"] == pytest.approx(single["test/accuracy"], abs=1e-9)
 
 
 @pytest.mark.parametrize("batch_stats", ["meta_batch", "running", "episode"])
