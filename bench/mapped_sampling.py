@@ -5,9 +5,18 @@ them, classes of ``--per-class`` images) through :func:`metalearn.data.cache.cac
 (decoding skipped: the images are generated), reads it memory-mapped, samples 5-way 5-shot
 15-query meta-batches of 4 episodes from it, and prints one JSON line with the cache size,
 the process's peak resident memory, and the median time per meta-batch, next to the same
-sampling from a split held in RAM (a copy of its first classes).
+sampling from a split held in RAM (a copy of its first classes). The resident memory is
+split into the process's own (RssAnon) and the mapped pages of the cache file (RssFile):
+the kernel maps file pages around each access in large folios (about 2 MB here), so
+RssFile grows by far more than the images read; those pages are clean page cache, dropped
+under memory pressure, not memory the process needs.
 
 Usage: python bench/mapped_sampling.py [--gib 3] [--batches 50] [--folder /tmp/mapped]
+
+Under a memory limit (Linux cgroup v1, as root), so that the page cache cannot hold the file:
+
+    mkdir /sys/fs/cgroup/memory/metalearn && echo 750M > /sys/fs/cgroup/memory/metalearn/memory.limit_in_bytes
+    sh -c 'echo $$ > /sys/fs/cgroup/memory/metalearn/cgroup.procs && exec python bench/mapped_sampling.py'
 """
 
 from __future__ import annotations
@@ -32,6 +41,17 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def resident_bytes() -> dict[str, int]:
+    """This process's resident memory now (Linux): RssAnon (its own, heap and tensors)
+    and RssFile (mapped file pages: the cache's pages in use, reclaimable page cache)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
 def median_batch_seconds(sampler: EpisodeSampler, batches: int, meta_batch: int = 4) -> float:
     times = []
     for step in range(batches):
@@ -48,6 +68,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=3.0)
     parser.add_argument("--per-class", type=int, default=600)
     parser.add_argument("--batches", type=int, default=50)
+    parser.add_argument("--in-ram-classes", type=int, default=16, help="classes copied to RAM")
     parser.add_argument("--folder", default="/tmp/metalearn-mapped-bench")
     parser.add_argument(
         "--write", action="store_true", help="only write the cache (run in a child)"
@@ -73,8 +94,9 @@ def main() -> None:
     sampler = EpisodeSampler(mapped, ways=5, shots=5, query_shots=15, seed=0, split="train")
     mapped_s = median_batch_seconds(sampler, args.batches)
     peak = peak_rss_bytes()
+    resident = resident_bytes()
     cache_bytes = int(mapped.images.numel())
-    in_ram_classes = 64
+    in_ram_classes = args.in_ram_classes
     in_ram = ClassImages(
         mapped.images[: in_ram_classes * args.per_class].clone(),
         mapped.offsets[: in_ram_classes + 1].copy(),
@@ -88,7 +110,10 @@ def main() -> None:
                 "classes": classes,
                 "images": int(len(mapped.images)),
                 "peak_rss_gib_while_sampling_mapped": round(peak / 2**30, 3),
+                "rss_anon_gib_after_sampling": round(resident["RssAnon"] / 2**30, 3),
+                "rss_file_gib_after_sampling": round(resident["RssFile"] / 2**30, 3),
                 "cache_over_peak_rss": round(cache_bytes / peak, 2),
+                "cache_over_rss_anon": round(cache_bytes / resident["RssAnon"], 2),
                 "meta_batches": args.batches,
                 "mapped_s_per_meta_batch": round(mapped_s, 5),
                 "in_ram_s_per_meta_batch": round(ram_s, 5),

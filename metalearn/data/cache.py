@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -64,6 +65,11 @@ def _read(images_path: Path, index_path: Path, shape: tuple[int, ...]) -> ClassI
         return None
     if index.get("format") != CACHE_FORMAT or array.shape != shape or array.dtype != np.uint8:
         return None
+    # Episodes read scattered images: no read-ahead around each one (it would read and
+    # evict megabytes per image when the file does not fit in memory).
+    madvise = getattr(getattr(array, "_mmap", None), "madvise", None)
+    if madvise is not None and hasattr(mmap, "MADV_RANDOM"):
+        madvise(mmap.MADV_RANDOM)
     return ClassImages(
         torch.from_numpy(array), np.asarray(index["offsets"], np.int64), index["names"]
     )
