@@ -103,24 +103,13 @@ def test_evaluate_cli_on_checkpoint(trained_run, data_dir, real_cache_dir, tmp_p
     assert report["accuracy"] - report["ci95"] > 0.65
     assert "test accuracy" in result.stdout and "±" in result.stdout
 
-    # Other settings from the same checkpoint: 20-way 5-shot, 10 inner steps at test time.
-    result = run_cli(
-        "evaluate.py",
-        [
-            f"ckpt_path={ckpt}",
-            "ways=20",
-            "shots=5",
-            "query_shots=5",
-            "inner_steps=10",
-            "episodes=20",
-            f"output_file={tmp_path / 'eval20.json'}",
-        ],
-        data_dir,
-        real_cache_dir,
-        tmp_path,
+    # Other settings from the same checkpoint: 20-way 5-shot, 10 inner steps at test time
+    # (in-process: the function evaluate.py runs).
+    overrides = [f"ckpt_path={ckpt}", "ways=20", "shots=5", "query_shots=5", "inner_steps=10"]
+    cfg = compose_config(
+        "eval", [*overrides, "episodes=20"], tmp_path / "e20", data_dir, real_cache_dir
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "eval20.json").read_text())
+    report = evaluate(cfg)
     assert (report["ways"], report["shots"], report["query_shots"]) == (20, 5, 5)
     assert (report["inner_steps"], report["episodes"]) == (10, 20)
     assert report["accuracy"] > 0.3  # chance is 5%
