@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import train_entry_point
+from fixtures_omniglot import fixture_expected_characters, make_omniglot_fixture
 from PIL import Image
 from test_operations import cli
 
-from metalearn.data import FolderDataModule
+from metalearn.data import FolderDataModule, OmniglotDataModule
 from metalearn.data.episodes import EpisodeSampler
 from metalearn.data.folder import find_classes
+from metalearn.data.omniglot import omniglot_root, split_characters
 from metalearn.data.storage import ClassImages
 from metalearn.errors import ConfigError, DataError
 
@@ -230,3 +232,82 @@ def test_a_folder_without_its_root_is_one_line(tmp_path, capsys):
     code, stderr = train_entry_point(["data=folder"], tmp_path, tmp_path, tmp_path, capsys)
     (line,) = [x for x in stderr.splitlines() if x.startswith("error:")]
     assert code == 2 and "data.root has no value" in line and "Traceback" not in stderr
+
+
+def test_omniglot_read_as_a_folder_gives_its_cached_images_and_its_episodes(tmp_path):
+    """The official Omniglot layout is class folders: read through data=folder with
+    Omniglot's preprocessing (grayscale, inverted, box filter to 28 px) and its split as a
+    split file, the images are bit-identical to data=omniglot's cache and the episodes of a
+    seed are the same."""
+    shape = {"alphabets_per_collection": (4, 3), "characters_per_alphabet": 8}
+    data_dir = make_omniglot_fixture(tmp_path / "data", as_zip=False, **shape)
+    geometry = {"ways": 2, "shots": 1, "query_shots": 2, "seed": 5, "eval_seed": 2}
+    omniglot = OmniglotDataModule(
+        data_dir=data_dir,
+        cache_dir=tmp_path / "cache",
+        rotations=False,
+        download=False,
+        expected_characters=fixture_expected_characters(**shape),
+        **geometry,
+    )
+    omniglot.setup("fit")
+    assert omniglot.characters is not None
+    names = ["/".join(name) for name in omniglot.characters.names]
+    index = split_characters(omniglot.characters.names, "paper")
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({s: [names[i] for i in index[s]] for s in SPLIT_CLASSES}))
+    folder = FolderDataModule(
+        root=omniglot_root(data_dir),
+        split_file=split_file,
+        image_size=28,
+        channels=1,
+        invert=True,
+        resample="box",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        **geometry,
+    )
+    folder.setup("fit")
+    for split in SPLIT_CLASSES:
+        expected = omniglot.samplers[split].images
+        got = folder.samplers[split].images
+        assert torch.equal(got.images, expected.reshape(-1, *expected.shape[2:]))
+        a = omniglot.samplers[split].sample(range(6))
+        b = folder.samplers[split].sample(range(6))
+        assert torch.equal(a.support, b.support) and torch.equal(a.query, b.query)
+
+
+@pytest.mark.slow
+def test_real_omniglot_exported_as_png_folders_is_read_bit_identically(
+    real_omniglot, data_dir, tmp_path
+):
+    """The official zips extracted into class folders of PNGs and read through data=folder
+    (grayscale, inverted, box filter to 28 px): every image of all 1,623 characters equals
+    data=omniglot's cache, and the paper split samples the same episodes."""
+    import zipfile
+
+    for collection in ("images_background", "images_evaluation"):
+        with zipfile.ZipFile(omniglot_root(data_dir) / f"{collection}.zip") as archive:
+            archive.extractall(tmp_path / "png")
+    names = ["/".join(name) for name in real_omniglot.names]
+    index = split_characters(real_omniglot.names, "paper")
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({s: [names[i] for i in index[s]] for s in SPLIT_CLASSES}))
+    folder = FolderDataModule(
+        root=tmp_path / "png",
+        split_file=split_file,
+        image_size=28,
+        channels=1,
+        invert=True,
+        resample="box",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    folder.setup("fit")
+    for split in SPLIT_CLASSES:
+        expected = real_omniglot.images[torch.from_numpy(index[split])]
+        got = folder.samplers[split].images
+        assert torch.equal(got.images[:, 0], expected.reshape(-1, 28, 28))
+        reference = EpisodeSampler(expected.unsqueeze(2), 5, 1, 15, seed=0, split=split)
+        a, b = reference.sample(range(20)), folder.samplers[split].sample(range(20))
+        assert torch.equal(a.support, b.support) and torch.equal(a.query, b.query)

@@ -21,7 +21,7 @@ from metalearn.data.episodes import (
     TrainEpisodes,
     check_episode_geometry,
 )
-from metalearn.data.folder import decode_image, find_classes
+from metalearn.data.folder import Resample, decode_image, find_classes
 from metalearn.data.omniglot import (
     OMNIGLOT_SPLITS,
     OmniglotCharacters,
@@ -305,6 +305,8 @@ class FolderDataModule(EpisodicDataModule):
         csv_dir: folder of ``train.csv``, ``val.csv``, ``test.csv`` (``filename,label``).
         image_size: side of the images after resizing.
         channels: 1 (grayscale) or 3 (RGB).
+        invert: invert the images (dark strokes on white become bright, as Omniglot is read).
+        resample: the resizing filter (PIL's): bilinear, box, bicubic, lanczos, nearest.
         min_images_per_class: drop classes with fewer images, with a warning (None: keep
             all; a class too small for an episode is then an error naming it).
         cache_dir: where the decoded cache is written (``paths.cache_dir``).
@@ -320,6 +322,8 @@ class FolderDataModule(EpisodicDataModule):
         csv_dir: str | Path | None = None,
         image_size: int = 84,
         channels: int = 3,
+        invert: bool = False,
+        resample: Resample = "bilinear",
         min_images_per_class: int | None = None,
         cache_dir: str | Path = ".cache",
         decode_workers: int = 4,
@@ -336,6 +340,7 @@ class FolderDataModule(EpisodicDataModule):
         self.save_hyperparameters()
         self.root, self.split_file, self.csv_dir = Path(root), split_file, csv_dir
         self.image_size, self.channels = image_size, channels
+        self.invert, self.resample = invert, resample
         self.min_images_per_class = min_images_per_class
         self.cache_dir, self.decode_workers, self.progress = (
             Path(cache_dir),
@@ -345,7 +350,13 @@ class FolderDataModule(EpisodicDataModule):
 
     def load_splits(self) -> dict[str, Tensor | ClassImages]:
         splits = find_classes(self.root, self.split_file, self.csv_dir)
-        decode = partial(decode_image, image_size=self.image_size, channels=self.channels)
+        decode = partial(
+            decode_image,
+            image_size=self.image_size,
+            channels=self.channels,
+            invert=self.invert,
+            resample=self.resample,
+        )
         shape = (self.channels, self.image_size, self.image_size)
         out: dict[str, Tensor | ClassImages] = {}
         for split, classes in splits.items():
@@ -372,7 +383,8 @@ class FolderDataModule(EpisodicDataModule):
                 "names": [name for name, _ in classes],
                 "image_size": self.image_size,
                 "channels": self.channels,
-                "resize": "bilinear",
+                "invert": self.invert,
+                "resample": self.resample,
             }
             out[split] = cached_class_images(
                 self.cache_dir,

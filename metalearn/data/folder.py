@@ -8,8 +8,8 @@ Three layouts, chosen by the settings given:
   (Ravi & Larochelle's miniImageNet CSVs, LibFewShot), the files in ``root``;
 * neither: ``root/train/``, ``root/val/``, ``root/test/``, each with one folder per class.
 
-Any format Pillow reads; images are converted to ``channels`` (1: grayscale, 3: RGB) and
-resized to ``image_size`` x ``image_size``.
+Any format Pillow reads; images are converted to ``channels`` (1: grayscale, 3: RGB),
+inverted if asked, and resized to ``image_size`` x ``image_size``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from metalearn.data.download import one_line
 from metalearn.errors import ConfigError, DataError
 
-__all__ = ["IMAGE_SUFFIXES", "SPLITS", "find_classes", "decode_image"]
+__all__ = ["IMAGE_SUFFIXES", "RESAMPLE", "Resample", "SPLITS", "find_classes", "decode_image"]
 
 SPLITS = ("train", "val", "test")
 
@@ -133,8 +134,24 @@ def find_classes(
     return splits
 
 
-def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """One image as a (channels, image_size, image_size) uint8 array (bilinear resize).
+#: Resampling filters of ``data.resample`` (PIL's).
+RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+Resample = Literal["bilinear", "box", "bicubic", "lanczos", "nearest"]
+
+
+def decode_image(
+    path: Path, image_size: int, channels: int, invert: bool = False, resample: str = "bilinear"
+) -> np.ndarray:
+    """One image as a (channels, image_size, image_size) uint8 array: converted to
+    grayscale or RGB, inverted when ``invert`` (dark ink on white becomes bright ink, as
+    Omniglot is read), resized with the ``resample`` filter.
 
     Raises:
         DataError: the file cannot be read as an image (naming it).
@@ -142,9 +159,11 @@ def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             converted = image.convert("L" if channels == 1 else "RGB")
+            if invert:
+                converted = ImageOps.invert(converted)
             if converted.size != (image_size, image_size):
-                converted = converted.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            array = np.asarray(converted, dtype=np.uint8)
+                converted = converted.resize((image_size, image_size), RESAMPLE[resample])
+            array = np.array(converted, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise DataError(f"cannot read the image {path}: {one_line(err)}") from err
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
