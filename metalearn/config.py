@@ -316,9 +316,7 @@ def check_config(cfg: DictConfig | Mapping[str, Any], schema: type) -> None:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(
-                f"{missing[0]} has no value (??? in the config): set it, e.g. "
-                f"{missing[0]}=..."
-                + (" (the folder of your images)" if missing[0] == "data.root" else "")
+                f"{missing[0]} has no value (??? in the config): set it as {missing[0]}=..."
             )
         try:
             plain = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]

@@ -234,6 +234,31 @@ def test_a_folder_without_its_root_is_one_line(tmp_path, capsys):
     assert code == 2 and "data.root has no value" in line and "Traceback" not in stderr
 
 
+def omniglot_as_folder(
+    root: Path, names, out: Path, **geometry: int
+) -> tuple[FolderDataModule, dict[str, np.ndarray]]:
+    """Omniglot's class folders under ``root`` as data=folder with Omniglot's preprocessing
+    (grayscale, inverted, box filter to 28 px) and its paper split as a split file, set up
+    for training; also the split's character indices."""
+    index = split_characters(names, "paper")
+    joined = ["/".join(name) for name in names]
+    split_file = out / "split.json"
+    split_file.write_text(json.dumps({s: [joined[i] for i in index[s]] for s in SPLIT_CLASSES}))
+    folder = FolderDataModule(
+        root=root,
+        split_file=split_file,
+        image_size=28,
+        channels=1,
+        invert=True,
+        resample="box",
+        cache_dir=out / "cache",
+        progress=False,
+        **geometry,
+    )
+    folder.setup("fit")
+    return folder, index
+
+
 def test_omniglot_read_as_a_folder_gives_its_cached_images_and_its_episodes(tmp_path):
     """The official Omniglot layout is class folders: read through data=folder with
     Omniglot's preprocessing (grayscale, inverted, box filter to 28 px) and its split as a
@@ -252,22 +277,9 @@ def test_omniglot_read_as_a_folder_gives_its_cached_images_and_its_episodes(tmp_
     )
     omniglot.setup("fit")
     assert omniglot.characters is not None
-    names = ["/".join(name) for name in omniglot.characters.names]
-    index = split_characters(omniglot.characters.names, "paper")
-    split_file = tmp_path / "split.json"
-    split_file.write_text(json.dumps({s: [names[i] for i in index[s]] for s in SPLIT_CLASSES}))
-    folder = FolderDataModule(
-        root=omniglot_root(data_dir),
-        split_file=split_file,
-        image_size=28,
-        channels=1,
-        invert=True,
-        resample="box",
-        cache_dir=tmp_path / "cache",
-        progress=False,
-        **geometry,
+    folder, _ = omniglot_as_folder(
+        omniglot_root(data_dir), omniglot.characters.names, tmp_path, **geometry
     )
-    folder.setup("fit")
     for split in SPLIT_CLASSES:
         expected = omniglot.samplers[split].images
         got = folder.samplers[split].images
@@ -289,21 +301,7 @@ def test_real_omniglot_exported_as_png_folders_is_read_bit_identically(
     for collection in ("images_background", "images_evaluation"):
         with zipfile.ZipFile(omniglot_root(data_dir) / f"{collection}.zip") as archive:
             archive.extractall(tmp_path / "png")
-    names = ["/".join(name) for name in real_omniglot.names]
-    index = split_characters(real_omniglot.names, "paper")
-    split_file = tmp_path / "split.json"
-    split_file.write_text(json.dumps({s: [names[i] for i in index[s]] for s in SPLIT_CLASSES}))
-    folder = FolderDataModule(
-        root=tmp_path / "png",
-        split_file=split_file,
-        image_size=28,
-        channels=1,
-        invert=True,
-        resample="box",
-        cache_dir=tmp_path / "cache",
-        progress=False,
-    )
-    folder.setup("fit")
+    folder, index = omniglot_as_folder(tmp_path / "png", real_omniglot.names, tmp_path)
     for split in SPLIT_CLASSES:
         expected = real_omniglot.images[torch.from_numpy(index[split])]
         got = folder.samplers[split].images
