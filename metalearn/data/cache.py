@@ -27,7 +27,7 @@ from metalearn.data.download import create_temp, one_line, progress_bar
 from metalearn.data.storage import ClassImages
 from metalearn.errors import DataError
 
-__all__ = ["cached_class_images", "cache_digest", "CACHE_FORMAT"]
+__all__ = ["cached_class_images", "cache_digest", "cache_unwritable", "CACHE_FORMAT"]
 
 CACHE_FORMAT = 1
 
@@ -47,7 +47,8 @@ def file_listing(paths: Sequence[Path], root: Path) -> list[list[Any]]:
     return listing
 
 
-def _unwritable(what: str, cache_dir: Path, err: BaseException) -> DataError:
+def cache_unwritable(what: str, cache_dir: Path, err: BaseException) -> DataError:
+    """The one-line error for a cache folder that cannot be written (naming it and why)."""
     return DataError(
         f"cannot write the {what} cache to {cache_dir} ({one_line(err)}); set "
         f"paths.cache_dir / METALEARN_CACHE_DIR to a writable folder with space"
@@ -112,7 +113,7 @@ def cached_class_images(
             temporaries.append(tmp)
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         except OSError as err:
-            raise _unwritable(kind, cache_dir, err) from err
+            raise cache_unwritable(kind, cache_dir, err) from err
         with (
             progress_bar(progress, f"decoding {kind}", len(files), in_bytes=False) as advance,
             concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool,
@@ -132,7 +133,7 @@ def cached_class_images(
                 json.dump(index, handle)
             os.replace(tmp_index, index_path)
         except OSError as err:
-            raise _unwritable(kind, cache_dir, err) from err
+            raise cache_unwritable(kind, cache_dir, err) from err
     finally:
         for tmp in temporaries:
             with contextlib.suppress(FileNotFoundError):

@@ -29,14 +29,12 @@ from metalearn.data.omniglot import (
     prepare_omniglot,
     split_characters,
 )
-from metalearn.data.storage import ClassImages
+from metalearn.data.storage import SPLIT_NAMES, ClassImages
 from metalearn.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EpisodicDataModule", "FolderDataModule", "OmniglotDataModule", "SPLIT_NAMES"]
-
-SPLIT_NAMES = ("train", "val", "test")
 
 
 class EpisodicDataModule(pl.LightningDataModule):

@@ -24,11 +24,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from metalearn.data.download import one_line
+from metalearn.data.storage import SPLIT_NAMES as SPLITS
 from metalearn.errors import ConfigError, DataError
 
 __all__ = ["IMAGE_SUFFIXES", "RESAMPLE", "Resample", "SPLITS", "find_classes", "decode_image"]
 
-SPLITS = ("train", "val", "test")
 
 #: File name endings of the formats Pillow opens.
 IMAGE_SUFFIXES = frozenset(suffix.lower() for suffix in Image.registered_extensions())

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from metalearn.data.cache import cache_unwritable
 from metalearn.data.datamodule import EpisodicDataModule
 from metalearn.data.download import (
     create_temp,
@@ -607,13 +608,6 @@ def _read_cache(path: Path, shape: tuple[int, ...]) -> MiniImageNetSplit | None:
     return MiniImageNetSplit(images=images, classes=classes)
 
 
-def _unwritable(cache_dir: Path, err: BaseException) -> DataError:
-    return DataError(
-        f"cannot write the miniImageNet cache to {cache_dir} ({one_line(err)}); "
-        f"set paths.cache_dir / METALEARN_CACHE_DIR to a writable folder"
-    )
-
-
 def _load_split(
     source: _Source,
     cache_dir: Path,
@@ -630,7 +624,7 @@ def _load_split(
     try:
         fd, tmp = create_temp(cache_dir, path.name)
     except OSError as err:
-        raise _unwritable(cache_dir, err) from err
+        raise cache_unwritable("miniImageNet", cache_dir, err) from err
     try:
         with os.fdopen(fd, "wb") as out:
             if source.kind == "pickle":
@@ -650,11 +644,11 @@ def _load_split(
             try:
                 torch.save(payload, out)
             except OSError as err:
-                raise _unwritable(cache_dir, err) from err
+                raise cache_unwritable("miniImageNet", cache_dir, err) from err
         try:
             os.replace(tmp, path)
         except OSError as err:
-            raise _unwritable(cache_dir, err) from err
+            raise cache_unwritable("miniImageNet", cache_dir, err) from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -712,7 +706,7 @@ def load_miniimagenet(
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise _unwritable(cache, err) from err
+        raise cache_unwritable("miniImageNet", cache, err) from err
     return {
         split: _load_split(
             sources[split],

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from metalearn.data.cache import cache_unwritable
 from metalearn.data.download import create_temp as _create_temp
 from metalearn.data.download import download_file, download_folder
 from metalearn.data.download import one_line as _one_line
@@ -530,13 +531,6 @@ def _decode(
     return images, names
 
 
-def _unwritable(cache_dir: Path, err: BaseException) -> DataError:
-    return DataError(
-        f"cannot write the Omniglot cache to {cache_dir} ({_one_line(err)}); "
-        f"set paths.cache_dir / METALEARN_CACHE_DIR to a writable folder"
-    )
-
-
 def load_omniglot(
     data_dir: str | Path,
     cache_dir: str | Path,
@@ -578,7 +572,7 @@ def load_omniglot(
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise _unwritable(cache_dir, err) from err
+        raise cache_unwritable("Omniglot", cache_dir, err) from err
     path = _cache_path(cache_dir, sources, image_size)
     names = _ordered_names(sources)
     cached = _read_cache(path, names, image_size)
@@ -588,7 +582,7 @@ def load_omniglot(
     try:
         fd, tmp = _create_temp(cache_dir, path.name)
     except OSError as err:
-        raise _unwritable(cache_dir, err) from err
+        raise cache_unwritable("Omniglot", cache_dir, err) from err
     try:
         with os.fdopen(fd, "wb") as out:
             array, names = _decode(sources, image_size, progress)
@@ -603,11 +597,11 @@ def load_omniglot(
             try:
                 torch.save(payload, out)
             except OSError as err:
-                raise _unwritable(cache_dir, err) from err
+                raise cache_unwritable("Omniglot", cache_dir, err) from err
         try:
             os.replace(tmp, path)
         except OSError as err:
-            raise _unwritable(cache_dir, err) from err
+            raise cache_unwritable("Omniglot", cache_dir, err) from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -9,7 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ClassImages"]
+__all__ = ["ClassImages", "SPLIT_NAMES"]
+
+#: The three splits of every episodic data set.
+SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
