@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared script run on a lent GPU machine (see README, "Reproducing the paper").
+# The one prepared script run on a lent GPU machine (see docs/reproducing.md).
 # Usage there: bash bench/gpu_session.sh MINUTES "name|experiment|overrides" ...
 # All runs train in parallel on the one GPU for MINUTES each (Lightning's max_time), then
 # test their best checkpoint on 600 episodes. Needs .whl/ (hydra-core, omegaconf, antlr4
