@@ -21,7 +21,7 @@ R=/tmp/results; mkdir -p $R
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)"; } > $R/device.txt 2>&1
 # Decode Omniglot once before the parallel runs.
-python3 -c "from metalearn.data.omniglot import load_omniglot; load_omniglot('$METALEARN_DATA_DIR', '$METALEARN_CACHE_DIR', progress=False)"
+python3 -c "from metalearn.data.sets.omniglot import load_omniglot; load_omniglot('$METALEARN_DATA_DIR', '$METALEARN_CACHE_DIR', progress=False)"
 START=$(date +%s)
 for spec in "$@"; do
   IFS='|' read -r name exp overrides <<< "$spec"

@@ -90,7 +90,7 @@ def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) ->
 def training_images(data_dir: str | None, cache_dir: str) -> torch.Tensor:
     if data_dir and (Path(data_dir) / "omniglot" / "omniglot-py").is_dir():
         from metalearn.data.datamodule import with_rotations
-        from metalearn.data.omniglot import load_omniglot, split_characters
+        from metalearn.data.sets.omniglot import load_omniglot, split_characters
 
         chars = load_omniglot(data_dir, cache_dir, download=False, progress=False)
         train = split_characters(chars.names, "paper")["train"]

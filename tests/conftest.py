@@ -15,7 +15,7 @@ from loopback import LoopbackServer
 from omegaconf import DictConfig, open_dict
 
 from metalearn.config import register_configs
-from metalearn.data.omniglot import OmniglotCharacters, load_omniglot
+from metalearn.data.sets.omniglot import OmniglotCharacters, load_omniglot
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from metalearn.data.miniimagenet import MINIIMAGENET_SPLITS, miniimagenet_root
+from metalearn.data.sets.miniimagenet import MINIIMAGENET_SPLITS, miniimagenet_root
 
 __all__ = [
     "FIXTURE_CLASSES",

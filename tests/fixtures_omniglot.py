@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from metalearn.data.omniglot import OMNIGLOT_COLLECTIONS, omniglot_root
+from metalearn.data.sets.omniglot import OMNIGLOT_COLLECTIONS, omniglot_root
 
 __all__ = [
     "fixture_expected_characters",

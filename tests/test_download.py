@@ -12,7 +12,7 @@ from fixtures_miniimagenet import expected_split, pickle_bytes
 from loopback import LoopbackServer
 
 from metalearn.data.download import download_file
-from metalearn.data.miniimagenet import (
+from metalearn.data.sets.miniimagenet import (
     MINIIMAGENET_SPLITS,
     MINIIMAGENET_URLS,
     load_miniimagenet,

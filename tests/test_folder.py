@@ -16,8 +16,8 @@ from test_operations import cli
 
 from metalearn.data import FolderDataModule, OmniglotDataModule
 from metalearn.data.episodes import EpisodeSampler
-from metalearn.data.folder import find_classes
-from metalearn.data.omniglot import omniglot_root, split_characters
+from metalearn.data.sets.folder import find_classes
+from metalearn.data.sets.omniglot import omniglot_root, split_characters
 from metalearn.data.storage import ClassImages
 from metalearn.errors import ConfigError, DataError
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from metalearn.data.episodes import EpisodeSampler
-from metalearn.data.omniglot import OmniglotCharacters, split_characters
+from metalearn.data.sets.omniglot import OmniglotCharacters, split_characters
 
 #: sha256 of the JSON {"train"|"val"|"test": ["collection/alphabet/character", ...]} of the
 #: paper split (1200 / 100 / 323 characters), sorted keys.

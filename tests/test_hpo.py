@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from test_mnist import make_mnist_fixture, mnist_like, real_mnist_dir
 
 from metalearn.bilevel import hypergradient, unroll
-from metalearn.data.mnist import MnistSet
+from metalearn.data.sets.mnist import MnistSet
 from metalearn.errors import ConfigError, DataError
 from metalearn.hpo import (
     HyperCleaningData,

@@ -34,7 +34,7 @@ from metalearn.data.l2l import (  # noqa: E402
     split_task,
     tasks_to_batch,
 )
-from metalearn.data.omniglot import OmniglotCharacters  # noqa: E402
+from metalearn.data.sets.omniglot import OmniglotCharacters  # noqa: E402
 from metalearn.errors import ConfigError  # noqa: E402
 from metalearn.lightning import HyperRepresentation  # noqa: E402
 

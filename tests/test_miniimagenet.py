@@ -1,4 +1,4 @@
-"""Tests of metalearn.data.miniimagenet: both on-disk formats, cache, errors, augmentation, DataModule."""
+"""Tests of metalearn.data.sets.miniimagenet: both on-disk formats, cache, errors, augmentation, DataModule."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from metalearn.data import EpisodeBatch, MiniImageNetDataModule, augment_episodes
-from metalearn.data import miniimagenet as mini
-from metalearn.data.miniimagenet import (
+from metalearn.data.sets import miniimagenet as mini
+from metalearn.data.sets.miniimagenet import (
     MINIIMAGENET_SPLITS,
     load_miniimagenet,
     load_miniimagenet_image,

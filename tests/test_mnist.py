@@ -13,7 +13,7 @@ import torch
 from fixtures_omniglot import real_data_dir
 from loopback import LoopbackServer
 
-from metalearn.data.mnist import (
+from metalearn.data.sets.mnist import (
     MNIST_FILES,
     MNIST_FIRST10K_FILES,
     load_mnist,

@@ -1,4 +1,4 @@
-"""Tests of metalearn.data.omniglot: on-disk layouts, download, cache, preprocessing, splits."""
+"""Tests of metalearn.data.sets.omniglot: on-disk layouts, download, cache, preprocessing, splits."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from fixtures_omniglot import (
 from loopback import LoopbackServer
 from PIL import Image
 
-from metalearn.data import omniglot
-from metalearn.data.omniglot import (
+from metalearn.data.sets import omniglot
+from metalearn.data.sets.omniglot import (
     IMAGES_PER_CHARACTER,
     NUM_CHARACTERS,
     OMNIGLOT_COLLECTIONS,

@@ -3,7 +3,7 @@
 from metalearn.data.datamodule import EpisodicDataModule, FolderDataModule, OmniglotDataModule
 from metalearn.data.download import download_file
 from metalearn.data.episodes import EpisodeBatch, EpisodeSampler, FixedEpisodes, TrainEpisodes
-from metalearn.data.miniimagenet import (
+from metalearn.data.sets.miniimagenet import (
     MiniImageNetDataModule,
     MiniImageNetSplit,
     augment_episodes,
@@ -11,8 +11,8 @@ from metalearn.data.miniimagenet import (
     load_miniimagenet_image,
     prepare_miniimagenet,
 )
-from metalearn.data.mnist import MnistSet, load_mnist, mnist_root, read_idx
-from metalearn.data.omniglot import (
+from metalearn.data.sets.mnist import MnistSet, load_mnist, mnist_root, read_idx
+from metalearn.data.sets.omniglot import (
     OmniglotCharacters,
     load_omniglot,
     load_omniglot_image,

@@ -10,15 +10,18 @@ index last: a reader sees a whole entry or none.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import json
 import mmap
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +33,8 @@ from metalearn.errors import DataError
 __all__ = ["cached_class_images", "cache_digest", "cache_unwritable", "CACHE_FORMAT"]
 
 CACHE_FORMAT = 1
+
+Item = TypeVar("Item")
 
 
 def cache_digest(key: Mapping[str, Any]) -> str:
@@ -76,34 +81,75 @@ def _read(images_path: Path, index_path: Path, shape: tuple[int, ...]) -> ClassI
     )
 
 
+def _ordered_map(
+    pool: concurrent.futures.Executor, fn: Callable[[Item], Any], items: Sequence[Item], ahead: int
+) -> Iterator[Any]:
+    """``pool.map(fn, items)`` with at most ``ahead`` items in flight (a large data set's
+    items are not all submitted, and their images not all held, at once)."""
+    pending: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def cached_class_images(
     cache_dir: str | Path,
     kind: str,
     key: Mapping[str, Any],
-    classes: Sequence[tuple[str, Sequence[Path]]],
+    classes: Sequence[tuple[str, Sequence[Item]]],
     image_shape: tuple[int, int, int],
-    decode: Callable[[Path], np.ndarray],
+    decode: Callable[[Item], np.ndarray] | None = None,
     progress: bool = True,
     workers: int = 4,
+    *,
+    decoder: Callable[[], AbstractContextManager[Callable[[Item], np.ndarray]]] | None = None,
+    what: str | None = None,
 ) -> ClassImages:
-    """The images of ``classes`` (name, files) decoded by ``decode`` (a file -> (C, H, W)
-    uint8 array of ``image_shape``), from the cache or decoded once into it (in parallel,
-    with a progress bar), memory-mapped.
+    """The images of ``classes`` (name, items), from the cache or decoded once into it (in
+    parallel threads, with a progress bar), memory-mapped.
+
+    An item is whatever locates one image (a file, a zip member, a row of an array) and
+    ``decode`` turns it into a (C, H, W) uint8 array of ``image_shape``. When decoding
+    needs something opened first (zips, a pickle), give ``decoder`` instead: a function
+    returning a context manager that yields ``decode``; it is called only when the cache
+    misses. ``key`` must identify the source's content and the preprocessing; the image
+    shape and :data:`CACHE_FORMAT` are added to it.
+
+    Args:
+        cache_dir: folder of the cache files, created when missing.
+        kind: prefix of the cache files' names.
+        key: what the images are a function of (JSON-serializable).
+        classes: (class name, items) in the order of the result's classes.
+        image_shape: (C, H, W) of every decoded image.
+        decode: item -> (C, H, W) uint8 array (or ``decoder``).
+        progress: show a progress bar while decoding.
+        workers: decoding threads.
+        decoder: () -> context manager yielding ``decode`` (or ``decode``).
+        what: the data set's name in messages (default ``kind``).
 
     Raises:
-        DataError: the cache folder cannot be written (one line, naming it).
+        DataError: the cache folder cannot be written (one line, naming it); errors of
+            ``decode`` pass through.
     """
+    if (decode is None) == (decoder is None):
+        raise TypeError("give decode or decoder")
+    what = what or kind
     cache_dir = Path(cache_dir).expanduser()
     digest = cache_digest({"format": CACHE_FORMAT, "shape": list(image_shape), **key})
     images_path = cache_dir / f"{kind}_{digest}.npy"
     index_path = images_path.with_suffix(".json")
-    counts = [len(files) for _, files in classes]
+    counts = [len(items) for _, items in classes]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     shape = (int(offsets[-1]), *image_shape)
     cached = _read(images_path, index_path, shape)
     if cached is not None:
         return cached
-    files = [path for _, paths in classes for path in paths]
+    if decoder is None:
+        decoder = functools.partial(contextlib.nullcontext, decode)
+    items = [item for _, group in classes for item in group]
     temporaries: list[Path] = []
     try:
         try:
@@ -113,14 +159,18 @@ def cached_class_images(
             temporaries.append(tmp)
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         except OSError as err:
-            raise cache_unwritable(kind, cache_dir, err) from err
-        with (
-            progress_bar(progress, f"decoding {kind}", len(files), in_bytes=False) as advance,
-            concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool,
-        ):
-            for row, image in enumerate(pool.map(decode, files)):
-                array[row] = image
-                advance(1)
+            raise cache_unwritable(what, cache_dir, err) from err
+        pool = concurrent.futures.ThreadPoolExecutor(max(workers, 1))
+        try:
+            with (
+                decoder() as decode_one,
+                progress_bar(progress, f"decoding {what}", len(items), in_bytes=False) as advance,
+            ):
+                for row, image in enumerate(_ordered_map(pool, decode_one, items, 32 * workers)):
+                    array[row] = image
+                    advance(1)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after an error: skip the rest
         try:
             array.flush()
             del array
@@ -133,7 +183,7 @@ def cached_class_images(
                 json.dump(index, handle)
             os.replace(tmp_index, index_path)
         except OSError as err:
-            raise cache_unwritable(kind, cache_dir, err) from err
+            raise cache_unwritable(what, cache_dir, err) from err
     finally:
         for tmp in temporaries:
             with contextlib.suppress(FileNotFoundError):

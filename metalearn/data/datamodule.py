@@ -21,8 +21,8 @@ from metalearn.data.episodes import (
     TrainEpisodes,
     check_episode_geometry,
 )
-from metalearn.data.folder import Resample, decode_image, find_classes
-from metalearn.data.omniglot import (
+from metalearn.data.sets.folder import Resample, decode_image, find_classes
+from metalearn.data.sets.omniglot import (
     OMNIGLOT_SPLITS,
     OmniglotCharacters,
     load_omniglot,
@@ -291,7 +291,7 @@ class OmniglotDataModule(EpisodicDataModule):
 
 class FolderDataModule(EpisodicDataModule):
     """Episodes from a folder of images of your own (``data=folder``), see
-    :mod:`metalearn.data.folder` for the three layouts.
+    :mod:`metalearn.data.sets.folder` for the three layouts.
 
     Images are decoded once (in parallel, with a progress bar) into a uint8 cache under
     ``cache_dir`` keyed by the files and the preprocessing, and read memory-mapped, so a

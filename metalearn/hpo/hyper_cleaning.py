@@ -42,7 +42,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from metalearn.bilevel import BilevelProblem, GradientDescent, Tensors, hypergradient, unroll
-from metalearn.data.mnist import MnistSet, load_mnist
+from metalearn.data.sets.mnist import MnistSet, load_mnist
 from metalearn.errors import ConfigError
 from metalearn.hpo.common import (
     ExperimentLoggers,
