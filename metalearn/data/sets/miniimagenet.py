@@ -50,6 +50,7 @@ from metalearn.data.download import (
     progress_bar,
 )
 from metalearn.data.episodes import EpisodeBatch
+from metalearn.data.sets.formats import load_array_pickle
 from metalearn.errors import ConfigError, DataError
 
 __all__ = [
@@ -287,33 +288,6 @@ def _locate(
 # Pickles
 # --------------------------------------------------------------------------------------
 
-_NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """An unpickler that builds numpy arrays, dicts and lists, and refuses anything else.
-
-    A pickle can run arbitrary code when loaded; these files come from mirrors, so only
-    the globals a pickled numpy array needs are allowed.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _NUMPY_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        if module.startswith("numpy.core") and hasattr(np, "_core"):
-            module = "numpy._core" + module[len("numpy.core") :]  # numpy 2 renamed it
-        return super().find_class(module, name)
-
 
 class _BadPickle(Exception):
     """What is wrong with a pickle, as the end of a sentence starting with the file's name."""
@@ -325,7 +299,7 @@ def _read_pickle(
     """Load and check a pickle; raise :class:`_BadPickle` with the reason when unusable."""
     try:
         with open(path, "rb") as handle:
-            payload = _ArrayUnpickler(handle, encoding="latin1").load()
+            payload = load_array_pickle(handle)
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as err:
         raise _BadPickle(f"cannot be read ({one_line(err) or type(err).__name__})") from err
     except (AttributeError, ImportError, IndexError, KeyError, MemoryError) as err:
