@@ -46,6 +46,21 @@ EPISODES = {
 }
 
 
+#: sha256 of the decoded 28x28 uint8 images of all 1623 characters (1623, 20, 28, 28) of the
+#: official zips, and of the JSON list of their (collection, alphabet, character) names: the
+#: tensor every Omniglot number was measured on (taken before the move onto the shared cache).
+IMAGES_28PX = "d76a1451bb8709f84cd8678e2c1e218339e26c1e23790e402fb39f8144e9a3db"
+NAMES = "12dd2a6d690468b7e51d5f53e8cbd36a235c73f1854f0ef390e9414babb6003c"
+
+
+def test_the_decoded_omniglot_images_are_pinned(real_omniglot: OmniglotCharacters):
+    assert tuple(real_omniglot.images.shape) == (1623, 20, 28, 28)
+    pixels = np.ascontiguousarray(real_omniglot.images.numpy()).tobytes()
+    assert hashlib.sha256(pixels).hexdigest() == IMAGES_28PX
+    names = json.dumps([list(name) for name in real_omniglot.names]).encode()
+    assert hashlib.sha256(names).hexdigest() == NAMES
+
+
 def test_the_paper_split_is_pinned(real_omniglot: OmniglotCharacters):
     index = split_characters(real_omniglot.names, "paper")
     lists = {

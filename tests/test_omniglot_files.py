@@ -52,7 +52,7 @@ def one_line(err: pytest.ExceptionInfo[Exception]) -> str:
 
 
 def cache_files(cache_dir: Path) -> list[Path]:
-    return sorted(cache_dir.glob("*.pt"))
+    return sorted(cache_dir.glob("*.npy"))
 
 
 def load_fixture(data_dir: Path, cache_dir: Path, **kwargs: Any) -> OmniglotCharacters:
@@ -133,7 +133,8 @@ def test_load_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_zip: b
     again = load_fixture(data_dir, cache_dir)
     assert torch.equal(again.images, chars.images) and again.names == chars.names
     assert cache_files(cache_dir) == [cache] and cache.stat().st_mtime_ns == mtime
-    assert list(cache_dir.iterdir()) == [cache]  # no temporary file left behind
+    # one entry (images and index), no temporary file left behind
+    assert sorted(cache_dir.iterdir()) == [cache.with_suffix(".json"), cache]
     # nothing was written into the data folder
     assert not any(p.name.startswith(".") for p in omniglot_root(data_dir).rglob("*"))
 
@@ -199,18 +200,21 @@ def test_cache_depends_on_image_size(tmp_path: Path) -> None:
 def test_corrupt_cache_is_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data_dir = make_omniglot_fixture(tmp_path / "data")
     cache_dir = tmp_path / "cache"
-    first = load_fixture(data_dir, cache_dir)
+    # a copy: the loaded images are mapped from the file this test truncates in place
+    first = load_fixture(data_dir, cache_dir).images.clone()
     [cache] = cache_files(cache_dir)
-    for garbage in (b"not a torch file", cache.read_bytes()[:1000]):
+    for garbage in (b"not an npy file", cache.read_bytes()[:1000]):
         cache.write_bytes(garbage)
-        with caplog.at_level(logging.WARNING, logger=omniglot.__name__):
+        with caplog.at_level(logging.WARNING):
             again = load_fixture(data_dir, cache_dir)
-        assert torch.equal(again.images, first.images)
+        assert torch.equal(again.images, first)
         assert "Ignoring the unusable Omniglot cache" in caplog.text
         assert cache.stat().st_size > 1000
-    # a readable file with the wrong content is not trusted either
-    torch.save({"images": torch.zeros(3, dtype=torch.uint8), "names": []}, cache)
-    assert torch.equal(load_fixture(data_dir, cache_dir).images, first.images)
+    # a readable file of the wrong shape is not trusted either, nor a damaged index
+    np.save(cache, np.zeros(3, np.uint8))
+    assert torch.equal(load_fixture(data_dir, cache_dir).images, first)
+    cache.with_suffix(".json").write_text("[1, 2]")
+    assert torch.equal(load_fixture(data_dir, cache_dir).images, first)
 
 
 def test_unwritable_cache_dir(tmp_path: Path) -> None:
@@ -226,10 +230,10 @@ def test_unwritable_cache_dir(tmp_path: Path) -> None:
 def test_full_disk_for_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data_dir = make_omniglot_fixture(tmp_path / "data")
 
-    def full_disk(obj: object, handle: object, *args: object, **kwargs: object) -> None:
+    def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(np.lib.format, "open_memmap", full_disk)
     with pytest.raises(DataError) as err:
         load_fixture(data_dir, tmp_path / "cache")
     message = one_line(err)

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import mmap
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,6 +34,8 @@ from metalearn.errors import DataError
 __all__ = ["cached_class_images", "cache_digest", "cache_unwritable", "CACHE_FORMAT"]
 
 CACHE_FORMAT = 1
+
+log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 
@@ -60,25 +63,36 @@ def cache_unwritable(what: str, cache_dir: Path, err: BaseException) -> DataErro
     )
 
 
-def _read(images_path: Path, index_path: Path, shape: tuple[int, ...]) -> ClassImages | None:
-    """The cached entry, or None when it is absent, unreadable or of another shape."""
+def _read(
+    images_path: Path, index_path: Path, shape: tuple[int, ...], what: str
+) -> ClassImages | None:
+    """The cached entry, or None when it is absent, or unreadable or of another shape (then
+    with a warning: it is rebuilt)."""
     if not (images_path.is_file() and index_path.is_file()):
         return None
     try:
         index = json.loads(index_path.read_text())
         array = np.load(images_path, mmap_mode="c")  # copy-on-write: never writes the file
-    except (OSError, ValueError):
-        return None
-    if index.get("format") != CACHE_FORMAT or array.shape != shape or array.dtype != np.uint8:
+        if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
+            raise ValueError("not a metalearn cache index")
+        if array.shape != shape or array.dtype != np.uint8:
+            raise ValueError(f"{array.dtype} {array.shape}, expected uint8 {shape}")
+        offsets = np.asarray(index["offsets"], np.int64)
+        names = index["names"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning(
+            "Ignoring the unusable %s cache %s (%s); rebuilding it",
+            what,
+            images_path,
+            one_line(err),
+        )
         return None
     # Episodes read scattered images: no read-ahead around each one (it would read and
     # evict megabytes per image when the file does not fit in memory).
     madvise = getattr(getattr(array, "_mmap", None), "madvise", None)
     if madvise is not None and hasattr(mmap, "MADV_RANDOM"):
         madvise(mmap.MADV_RANDOM)
-    return ClassImages(
-        torch.from_numpy(array), np.asarray(index["offsets"], np.int64), index["names"]
-    )
+    return ClassImages(torch.from_numpy(array), offsets, names)
 
 
 def _ordered_map(
@@ -144,7 +158,7 @@ def cached_class_images(
     counts = [len(items) for _, items in classes]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     shape = (int(offsets[-1]), *image_shape)
-    cached = _read(images_path, index_path, shape)
+    cached = _read(images_path, index_path, shape, what)
     if cached is not None:
         return cached
     if decoder is None:
@@ -188,6 +202,6 @@ def cached_class_images(
         for tmp in temporaries:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-    result = _read(images_path, index_path, shape)
+    result = _read(images_path, index_path, shape, what)
     assert result is not None
     return result

@@ -9,7 +9,7 @@ ink on a white background; :func:`preprocess_omniglot` inverts them so that **in
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import io
 import json
 import logging
@@ -17,7 +17,7 @@ import math
 import os
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from metalearn.data.cache import cache_unwritable
-from metalearn.data.download import create_temp as _create_temp
+from metalearn.data.cache import cached_class_images
 from metalearn.data.download import download_file, download_folder
 from metalearn.data.download import one_line as _one_line
-from metalearn.data.download import progress_bar as _progress_bar
 from metalearn.errors import ConfigError, DataError
 
 __all__ = [
@@ -446,89 +444,54 @@ def _ordered_names(sources: Sequence[_Source]) -> list[tuple[str, str, str]]:
     return [(s.collection, a, c) for s in sources for (a, c) in sorted(s.listing)]
 
 
-def _cache_path(cache_dir: Path, sources: Sequence[_Source], image_size: int) -> Path:
-    key = json.dumps(
-        {
-            "sources": [list(s.fingerprint) for s in sources],
-            "image_size": image_size,
-            "preprocess_version": PREPROCESS_VERSION,
-        },
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return cache_dir / f"omniglot_{image_size}px_v{PREPROCESS_VERSION}_{digest}.pt"
-
-
-def _read_cache(
-    path: Path, names: list[tuple[str, str, str]], image_size: int
-) -> OmniglotCharacters | None:
-    """Return the cached characters, or None when the file is absent, unreadable or stale."""
-    if not path.is_file():
-        return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        images = payload["images"]
-        cached_names = [tuple(n) for n in payload["names"]]
-        shape = (len(names), IMAGES_PER_CHARACTER, image_size, image_size)
-        if (
-            payload.get("format") != _CACHE_FORMAT
-            or payload.get("preprocess_version") != PREPROCESS_VERSION
-            or not isinstance(images, torch.Tensor)
-            or images.dtype != torch.uint8
-            or tuple(images.shape) != shape
-            or cached_names != names
-        ):
-            raise ValueError("content does not match the sources")
-    except Exception as err:  # any unreadable cache is rebuilt, never fatal
-        log.warning("Ignoring the unusable Omniglot cache %s (%s); rebuilding it", path, err)
-        return None
-    return OmniglotCharacters(images=images, names=names)
+def _cache_key(sources: Sequence[_Source], image_size: int) -> dict[str, Any]:
+    return {
+        "sources": [list(s.fingerprint) for s in sources],
+        "image_size": image_size,
+        "preprocess_version": PREPROCESS_VERSION,
+    }
 
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error)
 
+# An image: (index of its source, zip member name or file path).
+_Item = tuple[int, str]
 
-def _decode(
-    sources: Sequence[_Source], image_size: int, progress: bool
-) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
-    """Decode every image into one uint8 array, in :class:`OmniglotCharacters` order.
 
-    Zip members are read in memory; nothing is extracted to disk.
-    """
-    names = _ordered_names(sources)
-    images = np.empty((len(names), IMAGES_PER_CHARACTER, image_size, image_size), np.uint8)
-    total = images.shape[0] * images.shape[1]
-    row = 0
-    with (
-        _progress_bar(progress, "Decoding Omniglot", total, False) as advance,
-        contextlib.ExitStack() as stack,
-    ):
-        for source in sources:
-            archive = None
+@contextlib.contextmanager
+def _decoder(
+    sources: Sequence[_Source], image_size: int
+) -> Iterator[Callable[[_Item], np.ndarray]]:
+    """Open the zips (members are read in memory; nothing is extracted to disk) and yield
+    item -> (1, size, size) uint8."""
+    with contextlib.ExitStack() as stack:
+        archives: dict[int, zipfile.ZipFile] = {}
+        for i, source in enumerate(sources):
             if source.is_zip:
                 try:
-                    archive = stack.enter_context(zipfile.ZipFile(source.path))
+                    archives[i] = stack.enter_context(zipfile.ZipFile(source.path))
                 except _DECODE_ERRORS as err:
                     raise DataError(
                         f"cannot open the Omniglot zip {source.path} ({_one_line(err)}); "
                         f"replace it with the official {source.collection}.zip"
                     ) from err
-            for key in sorted(source.listing):
-                for j, member in enumerate(source.listing[key]):
-                    try:
-                        handle = io.BytesIO(archive.read(member)) if archive is not None else member
-                        with Image.open(handle) as image:
-                            images[row, j] = preprocess_omniglot(image, image_size)
-                    except _DECODE_ERRORS as err:
-                        where = f"{source.path}:{member}" if archive is not None else member
-                        raise DataError(
-                            f"cannot decode the Omniglot image {where} ({_one_line(err)}): the "
-                            f"copy is corrupt; replace it with the official "
-                            f"{source.collection}.zip"
-                        ) from err
-                row += 1
-                advance(IMAGES_PER_CHARACTER)
-    return images, names
+
+        def decode(item: _Item) -> np.ndarray:
+            i, member = item
+            archive = archives.get(i)
+            try:
+                handle = io.BytesIO(archive.read(member)) if archive is not None else member
+                with Image.open(handle) as image:
+                    return preprocess_omniglot(image, image_size)[None]
+            except _DECODE_ERRORS as err:
+                source = sources[i]
+                where = f"{source.path}:{member}" if archive is not None else member
+                raise DataError(
+                    f"cannot decode the Omniglot image {where} ({_one_line(err)}): the copy "
+                    f"is corrupt; replace it with the official {source.collection}.zip"
+                ) from err
+
+        yield decode
 
 
 def load_omniglot(
@@ -541,12 +504,13 @@ def load_omniglot(
 ) -> OmniglotCharacters:
     """Load all Omniglot characters as one uint8 tensor, decoding the PNGs only once.
 
-    Calls :func:`prepare_omniglot`, then reads ``<cache_dir>/omniglot_<size>px_v<V>_<hash>.pt``
-    when it exists; otherwise decodes every PNG (straight from the zips, nothing extracted)
-    with :func:`preprocess_omniglot` and writes that file atomically. ``<hash>`` fingerprints
-    the sources (zip: resolved path, size and mtime; folder: path, file count, total size and
-    newest mtime), ``image_size`` and :data:`PREPROCESS_VERSION`, so a changed source gives a
-    new cache. An unreadable cache file is ignored and rebuilt.
+    Calls :func:`prepare_omniglot`, then reads the decoded images from the shared cache
+    (:func:`metalearn.data.cache.cached_class_images`: ``<cache_dir>/omniglot_<hash>.npy``
+    and ``.json``, memory-mapped) when present; otherwise decodes every PNG (straight from
+    the zips, nothing extracted) with :func:`preprocess_omniglot` into it.
+    ``<hash>`` covers the sources (zip: resolved path, size and mtime; folder: path, file
+    count, total size and newest mtime), ``image_size`` and :data:`PREPROCESS_VERSION`, so
+    a changed source gives a new cache. An unreadable cache is ignored and rebuilt.
 
     Args:
         data_dir: The data folder (see :func:`omniglot_root`).
@@ -568,44 +532,26 @@ def load_omniglot(
     if image_size < 1:
         raise ConfigError(f"Omniglot image_size must be a positive integer, got {image_size}")
     sources = _prepare(data_dir, download, None, None, progress, expected_characters)
-    cache_dir = Path(cache_dir).expanduser()
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise cache_unwritable("Omniglot", cache_dir, err) from err
-    path = _cache_path(cache_dir, sources, image_size)
     names = _ordered_names(sources)
-    cached = _read_cache(path, names, image_size)
-    if cached is not None:
-        return cached
-    # Open the temporary file first, so an unwritable cache_dir fails before the decoding.
-    try:
-        fd, tmp = _create_temp(cache_dir, path.name)
-    except OSError as err:
-        raise cache_unwritable("Omniglot", cache_dir, err) from err
-    try:
-        with os.fdopen(fd, "wb") as out:
-            array, names = _decode(sources, image_size, progress)
-            images = torch.from_numpy(array)
-            payload = {
-                "format": _CACHE_FORMAT,
-                "preprocess_version": PREPROCESS_VERSION,
-                "image_size": image_size,
-                "names": [list(n) for n in names],
-                "images": images,
-            }
-            try:
-                torch.save(payload, out)
-            except OSError as err:
-                raise cache_unwritable("Omniglot", cache_dir, err) from err
-        try:
-            os.replace(tmp, path)
-        except OSError as err:
-            raise cache_unwritable("Omniglot", cache_dir, err) from err
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    log.info("Cached %d Omniglot characters in %s", len(names), path)
+    classes = [
+        ("/".join(key), [(i, member) for member in source.listing[key[1:]]])
+        for i, source in enumerate(sources)
+        for key in ((source.collection, *k) for k in sorted(source.listing))
+    ]
+    stored = cached_class_images(
+        cache_dir,
+        "omniglot",
+        _cache_key(sources, image_size),
+        classes,
+        (1, image_size, image_size),
+        progress=progress,
+        # One thread: a 105x105 1-bit PNG decodes in microseconds and threads only contend
+        # for the GIL and the zip's lock (1623 characters: 9.6 s with 1, 14.0 s with 4).
+        workers=1,
+        decoder=functools.partial(_decoder, sources, image_size),
+        what="Omniglot",
+    )
+    images = stored.images.view(len(names), IMAGES_PER_CHARACTER, image_size, image_size)
     return OmniglotCharacters(images=images, names=names)
 
 
