@@ -30,7 +30,7 @@ from fixtures_miniimagenet import (
 from omegaconf import OmegaConf
 from PIL import Image
 
-from metalearn.data import EpisodeBatch, MiniImageNetDataModule, augment_episodes
+from metalearn.data import EpisodeBatch, MiniImageNetDataModule, augment, augment_episodes
 from metalearn.data.sets import miniimagenet as mini
 from metalearn.data.sets.miniimagenet import (
     MINIIMAGENET_SPLITS,
@@ -61,7 +61,7 @@ def load_fixture(
 
 
 def cache_files(cache_dir: Path) -> list[Path]:
-    return sorted(cache_dir.glob("*.pt"))
+    return sorted(cache_dir.glob("*.npy"))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,8 @@ def test_load_fixture(
         np.testing.assert_array_equal(loaded.images.numpy(), expected_split(split))
     # one cache file per split, reused without decoding, no temporary file left behind
     caches = cache_files(cache_dir)
-    assert len(caches) == 3 and sorted(cache_dir.iterdir()) == caches
+    indexes = [cache.with_suffix(".json") for cache in caches]
+    assert len(caches) == 3 and sorted(cache_dir.iterdir()) == sorted(caches + indexes)
     mtimes = [c.stat().st_mtime_ns for c in caches]
 
     def fail(*args: Any, **kwargs: Any) -> Any:
@@ -174,7 +175,8 @@ def test_cache_rebuilt_when_source_changes(
 ) -> None:
     data_dir = make_pickle_fixture(tmp_path / "data")
     cache_dir = tmp_path / "cache"
-    first = load_fixture(data_dir, cache_dir)
+    # a copy: the loaded images are mapped from the files this test overwrites in place
+    first = load_fixture(data_dir, cache_dir)["train"].images.clone()
     path = miniimagenet_root(data_dir) / "mini-imagenet-cache-test.pkl"
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
@@ -185,8 +187,9 @@ def test_cache_rebuilt_when_source_changes(
         cache.write_bytes(b"not a torch file")
     with caplog.at_level(logging.WARNING, logger=mini.__name__):
         again = load_fixture(data_dir, cache_dir)
-    assert "Ignoring the unusable miniImageNet cache" in caplog.text
-    assert torch.equal(again["train"].images, first["train"].images)
+    for split in SPLITS:
+        assert caplog.text.count(f"Ignoring the unusable miniImageNet {split} cache") == 1
+    assert torch.equal(again["train"].images, first)
 
 
 def test_unwritable_cache_dir(pickled: Path, tmp_path: Path) -> None:
@@ -238,7 +241,8 @@ def test_unreadable_pickle(tmp_path: Path, damage: str) -> None:
     if damage == "code":
         assert "refusing" in message
     left = list((tmp_path / "cache").iterdir())
-    assert [p.name for p in left if p.suffix != ".pt"] == []  # no temporary file left
+    # whole entries of the other splits only: no temporary file, no entry of the broken one
+    assert [p.name for p in left if p.suffix not in (".npy", ".json") or "_val_" in p.name] == []
 
 
 def test_wrong_image_size_in_pickle(tmp_path: Path) -> None:
@@ -298,7 +302,8 @@ def test_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         load_fixture(data_dir, tmp_path / "cache")
     assert str(broken) in one_line(err)
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # train and val only
+    left = sorted(p.name.split("_")[1] + p.suffix for p in (tmp_path / "cache").iterdir())
+    assert left == ["train.json", "train.npy", "val.json", "val.npy"]  # train and val only
     shutil.rmtree(root / "images")
     with pytest.raises(DataError) as err:
         load_fixture(data_dir, tmp_path / "cache")
@@ -501,7 +506,7 @@ def test_experiment_fast_dev_run(
         augmented.append(len(batch.episode_ids))
         return augment_episodes(batch, *args)
 
-    monkeypatch.setattr(mini, "augment_episodes", counting)
+    monkeypatch.setattr(augment, "augment_episodes", counting)
     metrics = train(cfg)
     assert augmented == ([1] if extra else [])  # the one training batch, not val / test
     assert 0.0 <= metrics["train/acc"] <= 1.0

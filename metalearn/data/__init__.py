@@ -1,12 +1,16 @@
 """Data sets, splits, episode sampling and DataModules."""
 
-from metalearn.data.datamodule import EpisodicDataModule, FolderDataModule, OmniglotDataModule
+from metalearn.data.augment import augment_episodes
+from metalearn.data.datamodule import (
+    EpisodicDataModule,
+    FolderDataModule,
+    MiniImageNetDataModule,
+    OmniglotDataModule,
+)
 from metalearn.data.download import download_file
 from metalearn.data.episodes import EpisodeBatch, EpisodeSampler, FixedEpisodes, TrainEpisodes
 from metalearn.data.sets.miniimagenet import (
-    MiniImageNetDataModule,
     MiniImageNetSplit,
-    augment_episodes,
     load_miniimagenet,
     load_miniimagenet_image,
     prepare_miniimagenet,

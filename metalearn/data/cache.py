@@ -31,7 +31,13 @@ from metalearn.data.download import create_temp, one_line, progress_bar
 from metalearn.data.storage import ClassImages
 from metalearn.errors import DataError
 
-__all__ = ["cached_class_images", "cache_digest", "cache_unwritable", "CACHE_FORMAT"]
+__all__ = [
+    "cached_class_images",
+    "cached_entry",
+    "cache_digest",
+    "cache_unwritable",
+    "CACHE_FORMAT",
+]
 
 CACHE_FORMAT = 1
 
@@ -109,6 +115,32 @@ def _ordered_map(
         yield pending.popleft().result()
 
 
+def _entry(
+    cache_dir: str | Path, kind: str, key: Mapping[str, Any], image_shape: tuple[int, ...]
+) -> tuple[Path, Path]:
+    """The images and index paths of the cache entry of ``key``."""
+    digest = cache_digest({"format": CACHE_FORMAT, "shape": list(image_shape), **key})
+    images_path = Path(cache_dir).expanduser() / f"{kind}_{digest}.npy"
+    return images_path, images_path.with_suffix(".json")
+
+
+def cached_entry(
+    cache_dir: str | Path,
+    kind: str,
+    key: Mapping[str, Any],
+    image_shape: tuple[int, int, int],
+    num_images: int,
+    what: str | None = None,
+) -> ClassImages | None:
+    """The cached images of ``key`` (as :func:`cached_class_images` wrote them), or None.
+
+    For sources whose class names are known only once they are opened (a pickle): look
+    the entry up first, and open the source only when it is absent.
+    """
+    images_path, index_path = _entry(cache_dir, kind, key, image_shape)
+    return _read(images_path, index_path, (num_images, *image_shape), what or kind)
+
+
 def cached_class_images(
     cache_dir: str | Path,
     kind: str,
@@ -121,6 +153,7 @@ def cached_class_images(
     *,
     decoder: Callable[[], AbstractContextManager[Callable[[Item], np.ndarray]]] | None = None,
     what: str | None = None,
+    lookup: bool = True,
 ) -> ClassImages:
     """The images of ``classes`` (name, items), from the cache or decoded once into it (in
     parallel threads, with a progress bar), memory-mapped.
@@ -143,6 +176,7 @@ def cached_class_images(
         workers: decoding threads.
         decoder: () -> context manager yielding ``decode`` (or ``decode``).
         what: the data set's name in messages (default ``kind``).
+        lookup: False when :func:`cached_entry` found no entry already (decode at once).
 
     Raises:
         DataError: the cache folder cannot be written (one line, naming it); errors of
@@ -151,16 +185,14 @@ def cached_class_images(
     if (decode is None) == (decoder is None):
         raise TypeError("give decode or decoder")
     what = what or kind
-    cache_dir = Path(cache_dir).expanduser()
-    digest = cache_digest({"format": CACHE_FORMAT, "shape": list(image_shape), **key})
-    images_path = cache_dir / f"{kind}_{digest}.npy"
-    index_path = images_path.with_suffix(".json")
+    images_path, index_path = _entry(cache_dir, kind, key, image_shape)
     counts = [len(items) for _, items in classes]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     shape = (int(offsets[-1]), *image_shape)
-    cached = _read(images_path, index_path, shape, what)
+    cached = _read(images_path, index_path, shape, what) if lookup else None
     if cached is not None:
         return cached
+    cache_dir = images_path.parent
     if decoder is None:
         decoder = functools.partial(contextlib.nullcontext, decode)
     items = [item for _, group in classes for item in group]

@@ -13,15 +13,23 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from metalearn.data import augment
 from metalearn.data.cache import cached_class_images, file_listing
 from metalearn.data.episodes import (
     DATA_KEYS,
+    EpisodeBatch,
     EpisodeSampler,
     FixedEpisodes,
     TrainEpisodes,
     check_episode_geometry,
 )
 from metalearn.data.sets.folder import Resample, decode_image, find_classes
+from metalearn.data.sets.miniimagenet import (
+    IMAGE_SIZE,
+    IMAGES_PER_CLASS,
+    MiniImageNetSplit,
+    load_miniimagenet,
+)
 from metalearn.data.sets.omniglot import (
     OMNIGLOT_SPLITS,
     OmniglotCharacters,
@@ -34,7 +42,13 @@ from metalearn.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EpisodicDataModule", "FolderDataModule", "OmniglotDataModule", "SPLIT_NAMES"]
+__all__ = [
+    "EpisodicDataModule",
+    "FolderDataModule",
+    "MiniImageNetDataModule",
+    "OmniglotDataModule",
+    "SPLIT_NAMES",
+]
 
 
 class EpisodicDataModule(pl.LightningDataModule):
@@ -64,6 +78,13 @@ class EpisodicDataModule(pl.LightningDataModule):
             meta-batches there (no image copy from the host per step, no workers):
             ``"auto"`` (on when training on a GPU), ``True`` or ``False``. Episode content
             is identical either way: the random picks are drawn on the host.
+        augment: random crop and horizontal flip of training images (off by default; the
+            paper used none), per meta-batch on its device in
+            :meth:`on_after_batch_transfer`, reproducibly (see
+            :func:`~metalearn.data.augment.augment_episodes`); validation and test
+            episodes are never augmented.
+        augment_padding: zero padding of the random crop, in pixels.
+        augment_flip: flip horizontally with probability 1/2 (when ``augment``).
     """
 
     def __init__(
@@ -82,8 +103,13 @@ class EpisodicDataModule(pl.LightningDataModule):
         train_ways: int | None = None,
         train_shots: int | None = None,
         device_sampling: bool | str = "auto",
+        augment: bool = False,
+        augment_padding: int = 8,
+        augment_flip: bool = True,
     ) -> None:
         super().__init__()
+        if augment_padding < 0:
+            raise ConfigError(f"data.augment_padding must be >= 0, got {augment_padding}")
         if device_sampling not in (True, False, "auto"):
             raise ConfigError(
                 f"data.device_sampling must be true, false or auto, got {device_sampling!r}"
@@ -115,6 +141,11 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.train_ways, self.train_shots = train_ways or ways, train_shots or shots
         self.device_sampling = device_sampling
+        self.augment, self.augment_padding, self.augment_flip = (
+            augment,
+            augment_padding,
+            augment_flip,
+        )
         self.samplers: dict[str, EpisodeSampler] = {}
 
     # -- to implement -------------------------------------------------------------------
@@ -205,6 +236,19 @@ class EpisodicDataModule(pl.LightningDataModule):
         return self._loader(
             FixedEpisodes(self.samplers[split], episodes, self.eval_meta_batch, *self._rank())
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if (
+            self.augment
+            and trainer is not None
+            and trainer.training
+            and isinstance(batch, EpisodeBatch)
+        ):
+            return augment.augment_episodes(
+                batch, self.seed, self.augment_padding, self.augment_flip
+            )
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed("val", self.val_episodes)
@@ -395,3 +439,78 @@ class FolderDataModule(EpisodicDataModule):
                 self.decode_workers,
             )
         return out
+
+
+class MiniImageNetDataModule(EpisodicDataModule):
+    """miniImageNet episodes (84x84 RGB, Ravi & Larochelle split: 64 / 16 / 20 classes).
+
+    Reads ``<data_dir>/miniimagenet/`` (pickles or CSVs + images, see the module docstring),
+    downloading the pickles of absent splits from a public mirror in :meth:`prepare_data`
+    when ``download`` is set, and decodes each split once into a uint8 cache under
+    ``cache_dir`` (also in :meth:`prepare_data`, which runs on one process only).
+
+    Args:
+        data_dir: data root (``paths.data_dir``).
+        cache_dir: where the decoded uint8 cache is written (``paths.cache_dir``).
+        split: ``"ravi"``, the only split (Ravi & Larochelle 2017), for reports.
+        image_size: side of the images (84).
+        download: download the pickles of absent splits.
+        urls: split -> pickle URL (None: :data:`MINIIMAGENET_URLS`).
+        sha256: split -> expected SHA-256 of a download (None: :data:`MINIIMAGENET_SHA256`).
+        expected_classes: classes per split when not 64 / 16 / 20 (small copies in tests).
+        images_per_class: images per class of a complete copy (600).
+        **kwargs: episode geometry, loaders and augmentation, see :class:`EpisodicDataModule`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        cache_dir: str | Path = ".cache",
+        split: str = "ravi",
+        image_size: int = IMAGE_SIZE,
+        download: bool = True,
+        urls: Mapping[str, str] | None = None,
+        sha256: Mapping[str, str | None] | None = None,
+        expected_classes: Mapping[str, int] | None = None,
+        images_per_class: int = IMAGES_PER_CLASS,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        if split != "ravi":
+            raise ConfigError(f"unknown miniImageNet split {split!r}: the only one is 'ravi'")
+        if image_size < 1 or images_per_class < 1:
+            raise ConfigError(
+                f"data.image_size and data.images_per_class must be >= 1, got {image_size}, "
+                f"{images_per_class}"
+            )
+        # Plain dicts, not Hydra's DictConfig: the hyperparameters go into checkpoints,
+        # which torch.load(weights_only=True) reads back.
+        urls = dict(urls) if urls is not None else None
+        sha256 = dict(sha256) if sha256 is not None else None
+        expected_classes = dict(expected_classes) if expected_classes is not None else None
+        self.save_hyperparameters()
+        self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
+        self.split, self.image_size, self.download = split, image_size, download
+        self.urls, self.sha256, self.expected_classes = urls, sha256, expected_classes
+        self.images_per_class = images_per_class
+        self.classes: dict[str, list[str]] = {}
+
+    def _load(self, download: bool) -> dict[str, MiniImageNetSplit]:
+        return load_miniimagenet(
+            self.data_dir,
+            self.cache_dir,
+            self.image_size,
+            download=download,
+            expected_classes=self.expected_classes,
+            images_per_class=self.images_per_class,
+            urls=self.urls,
+            sha256=self.sha256,
+        )
+
+    def prepare_data(self) -> None:
+        self._load(self.download)  # downloads what is absent and writes the caches
+
+    def load_splits(self) -> dict[str, Tensor]:
+        splits = self._load(download=False)
+        self.classes = {name: split.classes for name, split in splits.items()}
+        return {name: split.images for name, split in splits.items()}

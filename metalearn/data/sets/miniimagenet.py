@@ -1,4 +1,4 @@
-"""miniImageNet on disk (pickles, or Ravi & Larochelle CSVs + images), its uint8 cache, DataModule.
+"""miniImageNet on disk: pickles, or Ravi & Larochelle CSVs + images, decoded into the shared cache.
 
 Layout under ``<data_dir>/miniimagenet/``, one of, per split (train / val / test):
 
@@ -8,8 +8,8 @@ Layout under ``<data_dir>/miniimagenet/``, one of, per split (train / val / test
 2. ``<split>.csv`` (Ravi & Larochelle 2017; header ``filename,label``) with the images
    under ``images/``, resized to 84x84 (PIL, Lanczos: antialiased) when decoded.
 
-Either is decoded once into a uint8 cache file per split, (classes, images per class, 3, H,
-W), classes sorted by id, images in listed order. Pixels stay uint8 until a meta-batch
+Either is decoded once into the shared uint8 cache (:mod:`metalearn.data.cache`), one entry
+per split, (classes, images per class, 3, H, W), classes sorted by id, images in listed order. Pixels stay uint8 until a meta-batch
 reaches the model, which scales it to [0, 1]; no float copy of a split is ever made.
 
 There is no official host for miniImageNet. With ``download=True`` the pickles are fetched
@@ -18,13 +18,10 @@ from a public mirror (:data:`MINIIMAGENET_URLS`) and checked before they are kep
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import csv
 import functools
 import hashlib
 import io
-import json
 import logging
 import os
 import pickle
@@ -36,21 +33,17 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from metalearn.data.cache import cache_unwritable
-from metalearn.data.datamodule import EpisodicDataModule
+from metalearn.data.cache import cache_unwritable, cached_class_images, cached_entry
 from metalearn.data.download import (
-    create_temp,
     download_file,
     download_folder,
     one_line,
-    progress_bar,
 )
-from metalearn.data.episodes import EpisodeBatch
 from metalearn.data.sets.formats import load_array_pickle
+from metalearn.data.storage import ClassImages
 from metalearn.errors import ConfigError, DataError
 
 __all__ = [
@@ -62,9 +55,7 @@ __all__ = [
     "MINIIMAGENET_SPLITS",
     "MINIIMAGENET_URLS",
     "PREPROCESS_VERSION",
-    "MiniImageNetDataModule",
     "MiniImageNetSplit",
-    "augment_episodes",
     "load_miniimagenet",
     "load_miniimagenet_image",
     "miniimagenet_root",
@@ -371,20 +362,39 @@ def _check_download(path: Path, split: str, expected_classes: int, per_class: in
 
 
 def _decode_pickle(
-    source: _Source, image_size: int, expected_classes: int, per_class: int
-) -> tuple[np.ndarray, list[str]]:
+    source: _Source,
+    cache_dir: Path,
+    key: Mapping[str, Any],
+    image_size: int,
+    expected_classes: int,
+    per_class: int,
+    progress: bool,
+) -> ClassImages:
+    """Decode a pickle's split into the cache: classes sorted by id, rows in listed order."""
+    log.info("Decoding the miniImageNet pickle %s", source.path)
     image_data, classes, index = _load_pickle(
         source.path, source.split, expected_classes, per_class
     )
-    out = np.empty((len(classes), per_class, 3, image_size, image_size), np.uint8)
-    for c in range(len(classes)):
-        block = image_data[index[c]]  # (per_class, 84, 84, 3)
+
+    def decode(row: int) -> np.ndarray:
+        image = image_data[row]  # (84, 84, 3)
         if image_size != IMAGE_SIZE:
-            block = np.stack(
-                [preprocess_miniimagenet(Image.fromarray(im), image_size) for im in block]
-            )
-        out[c] = block.transpose(0, 3, 1, 2)
-    return out, classes
+            image = preprocess_miniimagenet(Image.fromarray(image), image_size)
+        return image.transpose(2, 0, 1)
+
+    return cached_class_images(
+        cache_dir,
+        f"miniimagenet_{source.split}",
+        key,
+        [(name, index[c].tolist()) for c, name in enumerate(classes)],
+        (3, image_size, image_size),
+        decode,
+        progress,
+        # A copy of each row (84 px) needs no threads; resizing with Lanczos does.
+        workers=1 if image_size == IMAGE_SIZE else min(8, os.cpu_count() or 1),
+        what=f"miniImageNet {source.split}",
+        lookup=False,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -413,24 +423,22 @@ def _decode_file(path: Path, size: int) -> np.ndarray:
 
 
 def _decode_folder(
-    source: _Source, image_size: int, progress: bool
-) -> tuple[np.ndarray, list[str]]:
-    """Decode every listed image (threads: PIL releases the GIL while decoding)."""
-    per_class = len(source.files[0])
-    out = np.empty((len(source.files), per_class, 3, image_size, image_size), np.uint8)
-    paths = [file for group in source.files for file in group]
-    workers = min(8, os.cpu_count() or 1)
-    pool = concurrent.futures.ThreadPoolExecutor(workers)
-    try:
-        label = f"Decoding miniImageNet {source.split}"
-        with progress_bar(progress, label, len(paths), False) as step:
-            arrays = pool.map(functools.partial(_decode_file, size=image_size), paths)
-            for i, array in enumerate(arrays):
-                out[divmod(i, per_class)] = array.transpose(2, 0, 1)
-                step(1)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # after an error: skip the rest
-    return out, list(source.classes)
+    source: _Source, cache_dir: Path, key: Mapping[str, Any], image_size: int, progress: bool
+) -> ClassImages:
+    """Decode every listed image into the cache (threads: PIL releases the GIL while
+    decoding): classes sorted by id, images in listed order."""
+    return cached_class_images(
+        cache_dir,
+        f"miniimagenet_{source.split}",
+        key,
+        list(zip(source.classes, source.files, strict=True)),
+        (3, image_size, image_size),
+        lambda path: _decode_file(path, image_size).transpose(2, 0, 1),
+        progress,
+        workers=min(8, os.cpu_count() or 1),
+        what=f"miniImageNet {source.split}",
+        lookup=False,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -545,43 +553,6 @@ class MiniImageNetSplit:
         return len(self.classes)
 
 
-def _cache_path(cache_dir: Path, source: _Source, image_size: int) -> Path:
-    key = json.dumps(
-        {
-            "source": list(source.fingerprint),
-            "image_size": image_size,
-            "preprocess_version": PREPROCESS_VERSION,
-        },
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return cache_dir / (
-        f"miniimagenet_{source.split}_{image_size}px_v{PREPROCESS_VERSION}_{digest}.pt"
-    )
-
-
-def _read_cache(path: Path, shape: tuple[int, ...]) -> MiniImageNetSplit | None:
-    """The cached split (memory-mapped), or None when absent, unreadable or not ``shape``."""
-    if not path.is_file():
-        return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        images, classes = payload["images"], [str(c) for c in payload["classes"]]
-        if (
-            payload.get("format") != _CACHE_FORMAT
-            or payload.get("preprocess_version") != PREPROCESS_VERSION
-            or not isinstance(images, Tensor)
-            or images.dtype != torch.uint8
-            or tuple(images.shape) != shape
-            or len(classes) != shape[0]
-        ):
-            raise ValueError("content does not match the sources")
-    except Exception as err:  # any unreadable cache is rebuilt, never fatal
-        log.warning("Ignoring the unusable miniImageNet cache %s (%s); rebuilding it", path, err)
-        return None
-    return MiniImageNetSplit(images=images, classes=classes)
-
-
 def _load_split(
     source: _Source,
     cache_dir: Path,
@@ -590,44 +561,32 @@ def _load_split(
     per_class: int,
     progress: bool,
 ) -> MiniImageNetSplit:
-    path = _cache_path(cache_dir, source, image_size)
-    cached = _read_cache(path, (expected_classes, per_class, 3, image_size, image_size))
-    if cached is not None:
-        return cached
-    # Open the temporary file first, so an unwritable cache_dir fails before the decoding.
-    try:
-        fd, tmp = create_temp(cache_dir, path.name)
-    except OSError as err:
-        raise cache_unwritable("miniImageNet", cache_dir, err) from err
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if source.kind == "pickle":
-                log.info("Decoding the miniImageNet pickle %s", source.path)
-                array, classes = _decode_pickle(source, image_size, expected_classes, per_class)
-            else:
-                array, classes = _decode_folder(source, image_size, progress)
-            images = torch.from_numpy(array)
-            payload = {
-                "format": _CACHE_FORMAT,
-                "preprocess_version": PREPROCESS_VERSION,
-                "split": source.split,
-                "image_size": image_size,
-                "classes": classes,
-                "images": images,
-            }
-            try:
-                torch.save(payload, out)
-            except OSError as err:
-                raise cache_unwritable("miniImageNet", cache_dir, err) from err
-        try:
-            os.replace(tmp, path)
-        except OSError as err:
-            raise cache_unwritable("miniImageNet", cache_dir, err) from err
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    log.info("Cached miniImageNet %s (%d classes) in %s", source.split, len(classes), path)
-    return MiniImageNetSplit(images=images, classes=classes)
+    key = {
+        "source": list(source.fingerprint),
+        "image_size": image_size,
+        "preprocess_version": PREPROCESS_VERSION,
+    }
+    shape = (expected_classes, per_class, 3, image_size, image_size)
+    stored = cached_entry(
+        cache_dir,
+        f"miniimagenet_{source.split}",
+        key,
+        shape[2:],
+        expected_classes * per_class,
+        f"miniImageNet {source.split}",
+    )
+    if stored is None or stored.num_classes != expected_classes:
+        if source.kind == "pickle":
+            stored = _decode_pickle(
+                source, cache_dir, key, image_size, expected_classes, per_class, progress
+            )
+        else:
+            stored = _decode_folder(source, cache_dir, key, image_size, progress)
+        log.info(
+            "Cached miniImageNet %s (%d classes) in %s", source.split, expected_classes, cache_dir
+        )
+    assert stored.names is not None
+    return MiniImageNetSplit(images=stored.images.view(shape), classes=list(stored.names))
 
 
 def load_miniimagenet(
@@ -644,8 +603,9 @@ def load_miniimagenet(
     """Load the three splits as uint8 tensors, decoding the source files only once.
 
     Calls :func:`prepare_miniimagenet`, then per split reads
-    ``<cache_dir>/miniimagenet_<split>_<size>px_v<V>_<hash>.pt`` (memory-mapped) when it
-    exists; otherwise decodes the pickle or the images and writes that file atomically.
+    the shared cache (:func:`metalearn.data.cache.cached_class_images`:
+    ``<cache_dir>/miniimagenet_<split>_<hash>.npy`` and ``.json``, memory-mapped) when
+    present; otherwise decodes the pickle or the images into it.
     ``<hash>`` fingerprints the source (pickle: resolved path, size, mtime; folder: the CSV's
     content and the listed files' count, total size and newest mtime), ``image_size`` and
     :data:`PREPROCESS_VERSION`. An unreadable or mismatched cache file is rebuilt.
@@ -692,178 +652,3 @@ def load_miniimagenet(
         )
         for split in MINIIMAGENET_SPLITS
     }
-
-
-# --------------------------------------------------------------------------------------
-# Augmentation
-# --------------------------------------------------------------------------------------
-
-
-def _crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
-    """Crop (n, C, H, W) images out of their zero-padded copies at ``offsets`` (n, 2), and
-    mirror those with ``flips`` (n,), with one gather on the images' device."""
-    n, _, height, width = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
-    device = images.device
-    offsets, flips = offsets.to(device), flips.to(device)
-    rows = offsets[:, :1] + torch.arange(height, device=device)  # (n, H)
-    across = torch.arange(width, device=device).expand(n, width)
-    cols = offsets[:, 1:] + torch.where(flips[:, None], width - 1 - across, across)  # (n, W)
-    picked = padded[
-        torch.arange(n, device=device)[:, None, None], :, rows[:, :, None], cols[:, None]
-    ]
-    return picked.permute(0, 3, 1, 2).contiguous()  # (n, H, W, C) -> (n, C, H, W)
-
-
-def augment_episodes(
-    batch: EpisodeBatch, seed: int, padding: int = 8, flip: bool = True
-) -> EpisodeBatch:
-    """Random crop with zero padding and random horizontal flip of every image of a batch.
-
-    Each support and query image is padded by ``padding`` pixels on every side, cropped
-    back to its size at a uniformly drawn offset, and mirrored with probability 1/2 (when
-    ``flip``). The draws of episode ``i`` are a pure function of ``(seed, i)``
-    (``numpy.random.default_rng([seed, crc32("augment"), i])``), so a run is reproducible,
-    and equal whatever the number of ranks or the step a resumed run starts from. Only the
-    offsets are drawn on the CPU; the images are transformed on their device, as uint8.
-
-    Args:
-        batch: support (B, N*K, C, H, W), query (B, N*Q, C, H, W), ``episode_ids`` (B,).
-        seed: the training seed.
-        padding: pixels of zero padding (8).
-        flip: also flip horizontally.
-
-    Returns:
-        The batch with new support and query images (labels unchanged).
-    """
-    if padding < 0:
-        raise ConfigError(f"data.augment_padding must be >= 0, got {padding}")
-    code = zlib.crc32(b"augment")
-    per_support, per_query = batch.support.shape[1], batch.query.shape[1]
-    per_episode = per_support + per_query
-    offsets, flips = [], []
-    for episode in batch.episode_ids.tolist():
-        rng = np.random.default_rng([seed, code, int(episode)])
-        offsets.append(rng.integers(0, 2 * padding + 1, size=(per_episode, 2)))
-        flips.append(rng.random(per_episode) < 0.5 if flip else np.zeros(per_episode, bool))
-    offset = torch.from_numpy(np.stack(offsets))  # (B, M, 2)
-    mirror = torch.from_numpy(np.stack(flips))  # (B, M)
-
-    def apply(images: Tensor, part: slice) -> Tensor:
-        out = _crop_flip(
-            images.flatten(0, 1), offset[:, part].flatten(0, 1), mirror[:, part].flatten(), padding
-        )
-        return out.view(images.shape)
-
-    return batch._replace(
-        support=apply(batch.support, slice(0, per_support)),
-        query=apply(batch.query, slice(per_support, per_episode)),
-    )
-
-
-# --------------------------------------------------------------------------------------
-# DataModule
-# --------------------------------------------------------------------------------------
-
-
-class MiniImageNetDataModule(EpisodicDataModule):
-    """miniImageNet episodes (84x84 RGB, Ravi & Larochelle split: 64 / 16 / 20 classes).
-
-    Reads ``<data_dir>/miniimagenet/`` (pickles or CSVs + images, see the module docstring),
-    downloading the pickles of absent splits from a public mirror in :meth:`prepare_data`
-    when ``download`` is set, and decodes each split once into a uint8 cache under
-    ``cache_dir`` (also in :meth:`prepare_data`, which runs on one process only).
-
-    Optional training augmentation (off by default; the paper used none): random crop with
-    ``augment_padding`` pixels of zero padding and horizontal flip, applied per meta-batch
-    on the batch's device in :meth:`on_after_batch_transfer`, training batches only,
-    reproducibly (see :func:`augment_episodes`).
-
-    Args:
-        data_dir: data root (``paths.data_dir``).
-        cache_dir: where the decoded uint8 cache is written (``paths.cache_dir``).
-        split: ``"ravi"``, the only split (Ravi & Larochelle 2017), for reports.
-        image_size: side of the images (84).
-        download: download the pickles of absent splits.
-        urls: split -> pickle URL (None: :data:`MINIIMAGENET_URLS`).
-        sha256: split -> expected SHA-256 of a download (None: :data:`MINIIMAGENET_SHA256`).
-        expected_classes: classes per split when not 64 / 16 / 20 (small copies in tests).
-        images_per_class: images per class of a complete copy (600).
-        augment: random crop and flip of training images.
-        augment_padding: zero padding of the random crop, in pixels.
-        augment_flip: flip horizontally with probability 1/2 (when ``augment``).
-        **kwargs: episode geometry and loaders, see :class:`EpisodicDataModule`.
-    """
-
-    def __init__(
-        self,
-        data_dir: str | Path = "data",
-        cache_dir: str | Path = ".cache",
-        split: str = "ravi",
-        image_size: int = IMAGE_SIZE,
-        download: bool = True,
-        urls: Mapping[str, str] | None = None,
-        sha256: Mapping[str, str | None] | None = None,
-        expected_classes: Mapping[str, int] | None = None,
-        images_per_class: int = IMAGES_PER_CLASS,
-        augment: bool = False,
-        augment_padding: int = 8,
-        augment_flip: bool = True,
-        **kwargs: object,
-    ) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        if split != "ravi":
-            raise ConfigError(f"unknown miniImageNet split {split!r}: the only one is 'ravi'")
-        if image_size < 1 or images_per_class < 1 or augment_padding < 0:
-            raise ConfigError(
-                f"data.image_size and data.images_per_class must be >= 1 and "
-                f"data.augment_padding >= 0, got {image_size}, {images_per_class}, "
-                f"{augment_padding}"
-            )
-        # Plain dicts, not Hydra's DictConfig: the hyperparameters go into checkpoints,
-        # which torch.load(weights_only=True) reads back.
-        urls = dict(urls) if urls is not None else None
-        sha256 = dict(sha256) if sha256 is not None else None
-        expected_classes = dict(expected_classes) if expected_classes is not None else None
-        self.save_hyperparameters()
-        self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
-        self.split, self.image_size, self.download = split, image_size, download
-        self.urls, self.sha256, self.expected_classes = urls, sha256, expected_classes
-        self.images_per_class = images_per_class
-        self.augment, self.augment_padding, self.augment_flip = (
-            augment,
-            augment_padding,
-            augment_flip,
-        )
-        self.classes: dict[str, list[str]] = {}
-
-    def _load(self, download: bool) -> dict[str, MiniImageNetSplit]:
-        return load_miniimagenet(
-            self.data_dir,
-            self.cache_dir,
-            self.image_size,
-            download=download,
-            expected_classes=self.expected_classes,
-            images_per_class=self.images_per_class,
-            urls=self.urls,
-            sha256=self.sha256,
-        )
-
-    def prepare_data(self) -> None:
-        self._load(self.download)  # downloads what is absent and writes the caches
-
-    def load_splits(self) -> dict[str, Tensor]:
-        splits = self._load(download=False)
-        self.classes = {name: split.classes for name, split in splits.items()}
-        return {name: split.images for name, split in splits.items()}
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if (
-            self.augment
-            and trainer is not None
-            and trainer.training
-            and isinstance(batch, EpisodeBatch)
-        ):
-            return augment_episodes(batch, self.seed, self.augment_padding, self.augment_flip)
-        return batch
