@@ -67,9 +67,15 @@ def test_wandb_logger_runs_offline_without_credentials(tmp_path, data_dir, real_
 
 
 def test_every_experiment_has_a_fast_dev_run_test():
-    # miniImageNet experiments run on a generated fixture in tests/test_miniimagenet.py;
-    # the hyperparameter-optimization experiments (cfg.runner) in tests/test_hpo.py
-    assert set(EXPERIMENTS) == set(OMNIGLOT_EXPERIMENTS) | {
+    # miniImageNet experiments run on a generated fixture in tests/test_miniimagenet.py,
+    # the other benchmarks' in tests/test_benchmarks.py, the hyperparameter-optimization
+    # experiments (cfg.runner) in tests/test_hpo.py
+    benchmarks = {
+        f"{name}_5w{shots}s"
+        for name in ("tieredimagenet", "cifar_fs", "fc100", "cub")
+        for shots in (1, 5)
+    }
+    assert set(EXPERIMENTS) == set(OMNIGLOT_EXPERIMENTS) | benchmarks | {
         "miniimagenet_5w1s",
         "miniimagenet_5w5s",
         "hyper_cleaning_mnist",

@@ -2,6 +2,8 @@
 
 from metalearn.data.augment import augment_episodes
 from metalearn.data.datamodule import (
+    BENCHMARKS,
+    BenchmarkDataModule,
     EpisodicDataModule,
     FolderDataModule,
     MiniImageNetDataModule,
@@ -25,6 +27,8 @@ from metalearn.data.sets.omniglot import (
 )
 
 __all__ = [
+    "BENCHMARKS",
+    "BenchmarkDataModule",
     "EpisodeBatch",
     "EpisodeSampler",
     "EpisodicDataModule",

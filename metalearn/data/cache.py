@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -194,7 +193,12 @@ def cached_class_images(
         return cached
     cache_dir = images_path.parent
     if decoder is None:
-        decoder = functools.partial(contextlib.nullcontext, decode)
+        plain = decode
+        assert plain is not None
+
+        def decoder() -> AbstractContextManager[Callable[[Item], np.ndarray]]:
+            return contextlib.nullcontext(plain)
+
     items = [item for _, group in classes for item in group]
     temporaries: list[Path] = []
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Mapping
 from functools import partial
@@ -43,6 +44,8 @@ from metalearn.errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BENCHMARKS",
+    "BenchmarkDataModule",
     "EpisodicDataModule",
     "FolderDataModule",
     "MiniImageNetDataModule",
@@ -514,3 +517,100 @@ class MiniImageNetDataModule(EpisodicDataModule):
         splits = self._load(download=False)
         self.classes = {name: split.classes for name, split in splits.items()}
         return {name: split.images for name, split in splits.items()}
+
+
+#: The benchmarks of :class:`BenchmarkDataModule`: name -> (reader, the function that only
+#: fetches and checks the files when reading them builds nothing to keep, default side).
+BENCHMARKS: dict[str, tuple[str, str | None, int]] = {
+    "tieredimagenet": ("metalearn.data.sets.tieredimagenet:load_tieredimagenet", None, 84),
+    "cifar_fs": ("metalearn.data.sets.cifar:load_cifar_fs", "prepare_cifar100", 32),
+    "fc100": ("metalearn.data.sets.cifar:load_fc100", "prepare_cifar100", 32),
+    "cub": ("metalearn.data.sets.cub:load_cub", None, 84),
+}
+
+#: The class split each benchmark ships (named in reports).
+BENCHMARK_SPLITS = {
+    "tieredimagenet": "ren2018",
+    "cifar_fs": "bertinetto2019",
+    "fc100": "oreshkin2018",
+    "cub": "chen2019",
+}
+
+
+class BenchmarkDataModule(EpisodicDataModule):
+    """Episodes of a standard few-shot benchmark read by its own reader in
+    :mod:`metalearn.data.sets`, with the class split shipped in ``metalearn/data/splits/``:
+    ``tieredimagenet`` (Ren et al. 2018, 351 / 97 / 160 classes, 84x84), ``cifar_fs``
+    (Bertinetto et al. 2019, 64 / 16 / 20 CIFAR-100 classes, 32x32), ``fc100`` (Oreshkin et
+    al. 2018, 60 / 20 / 20 classes of 12 / 4 / 4 superclasses, 32x32) and ``cub``
+    (CUB-200-2011 with the split of Chen et al. 2019, 100 / 50 / 50 classes, 84x84).
+
+    :meth:`prepare_data` (one process) downloads the data set where an official archive
+    exists (CIFAR-100, CUB) and ``download`` is set; tieredImageNet and CUB are decoded
+    there once into the shared uint8 cache under ``cache_dir`` and read memory-mapped.
+    CIFAR-100 is read straight from its archive (180 MB of uint8), with no cache. Without
+    an official host (tieredImageNet) a missing copy is an error saying where to get it
+    and where to put it.
+
+    Args:
+        name: one of :data:`BENCHMARKS`.
+        data_dir: data root (``paths.data_dir``); each reader names its folder in it.
+        cache_dir: where the decoded uint8 cache is written (``paths.cache_dir``).
+        image_size: side of the images (None: the benchmark's own, 84 or 32).
+        download: download an absent copy where an official archive exists.
+        progress: show progress bars while downloading and decoding.
+        options: more keyword arguments of the reader (small copies in tests, e.g.
+            CIFAR's ``images_per_class``).
+        **kwargs: episode geometry, loaders and augmentation, see
+            :class:`EpisodicDataModule`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str | Path = "data",
+        cache_dir: str | Path = ".cache",
+        image_size: int | None = None,
+        download: bool = True,
+        progress: bool = True,
+        options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if name not in BENCHMARKS:
+            raise ConfigError(f"unknown data.name={name!r}: choose one of {', '.join(BENCHMARKS)}")
+        reader, preparer, default_size = BENCHMARKS[name]
+        if image_size is not None and image_size < 1:
+            raise ConfigError(f"data.image_size must be >= 1, got {image_size}")
+        # A plain dict, not Hydra's DictConfig: hyperparameters go into checkpoints.
+        options = {key: value for key, value in (options or {}).items()}
+        self.save_hyperparameters()
+        self.name, self.options = name, options
+        self.split = BENCHMARK_SPLITS[name]
+        self.module, self.function = reader.split(":")
+        self.preparer = preparer
+        self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
+        self.image_size = image_size or default_size
+        self.download, self.progress = download, progress
+
+    def _load(self, download: bool) -> dict[str, ClassImages]:
+        load = getattr(importlib.import_module(self.module), self.function)
+        splits: dict[str, ClassImages] = load(
+            self.data_dir,
+            self.cache_dir,
+            self.image_size,
+            download=download,
+            progress=self.progress,
+            **self.options,
+        )
+        return splits
+
+    def prepare_data(self) -> None:
+        if self.preparer is None:
+            self._load(self.download)  # downloads what is absent and writes the cache
+        else:
+            prepare = getattr(importlib.import_module(self.module), self.preparer)
+            prepare(self.data_dir, download=self.download, progress=self.progress)
+
+    def load_splits(self) -> dict[str, Tensor | ClassImages]:
+        return dict(self._load(download=False))

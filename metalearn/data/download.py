@@ -13,14 +13,24 @@ import hashlib
 import http.client
 import os
 import secrets
+import shutil
+import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from metalearn.errors import DataError
 
-__all__ = ["create_temp", "download_file", "download_folder", "one_line", "progress_bar"]
+__all__ = [
+    "create_temp",
+    "download_file",
+    "download_folder",
+    "extract_tar",
+    "one_line",
+    "progress_bar",
+]
 
 _CHUNK = 1 << 20
 
@@ -199,3 +209,84 @@ def download_file(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return target
+
+
+def _create_temp_folder(folder: Path, final_name: str) -> Path:
+    """Create a fresh hidden temporary folder next to ``folder / final_name`` (user's umask)."""
+    for _ in range(100):
+        path = folder / f".{final_name}.{secrets.token_hex(6)}.part"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"cannot create a temporary folder in {folder}")
+
+
+def extract_tar(archive: Path, dest: Path, what: str) -> Path:
+    """Extract the tar archive ``archive`` (any compression ``tarfile`` reads) as the folder
+    ``dest``, atomically.
+
+    The members are extracted with ``tarfile``'s ``"data"`` filter (no absolute paths, no
+    member or link leaving the folder, no devices; permissions made safe) into a hidden
+    temporary folder next to ``dest`` (``.<dest name>.<random>.part``). When that folder
+    holds a folder named like ``dest`` (an archive with a top-level folder, as
+    ``CUB_200_2011.tgz`` holds ``CUB_200_2011/``), that folder is renamed to ``dest`` and the
+    archive's other top-level members are dropped; otherwise the temporary folder itself
+    becomes ``dest``. Either way ``dest`` appears only once complete: on any error the
+    temporary folder is removed and ``dest`` is left as it was. When another process puts
+    ``dest`` in place first, its copy is kept.
+
+    Args:
+        archive: The ``.tar``, ``.tgz``, ``.tar.gz``, ``.tar.bz2`` or ``.tar.xz`` file.
+        dest: The folder to create; it must not exist yet.
+        what: What the archive is, for messages (``"CUB-200-2011"``).
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        DataError: ``dest`` exists, the archive is corrupt, truncated or holds an unsafe
+            member, or the folder is not writable. One line, naming the archive.
+    """
+    if dest.exists():
+        raise DataError(
+            f"cannot extract the {what} archive {archive}: {dest} already exists; delete it "
+            f"to extract the archive again"
+        )
+    try:
+        tmp = _create_temp_folder(dest.parent, dest.name)
+    except OSError as err:
+        raise DataError(
+            f"cannot extract the {what} archive {archive} into {dest.parent} "
+            f"({one_line(err)}); set paths.data_dir / METALEARN_DATA_DIR to a writable folder"
+        ) from err
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, zlib.error) as err:
+            raise DataError(
+                f"the {what} archive {archive} is corrupt, truncated or unsafe "
+                f"({one_line(err) or type(err).__name__}); delete it and download it again"
+            ) from err
+        except OSError as err:
+            raise DataError(
+                f"cannot extract the {what} archive {archive} into {dest.parent} "
+                f"({one_line(err)}): the archive is corrupt or the folder is not writable or "
+                f"full; delete the archive and download it again, or free some space"
+            ) from err
+        inner = tmp / dest.name
+        source = inner if inner.is_dir() and not inner.is_symlink() else tmp
+        try:
+            os.rename(source, dest)
+        except OSError as err:
+            if not dest.is_dir():  # else: another process extracted it first
+                raise DataError(
+                    f"cannot move the extracted {what} into {dest} ({one_line(err)}); "
+                    f"delete {dest} if it is a leftover and retry"
+                ) from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -27,7 +27,15 @@ from metalearn.data.download import one_line
 from metalearn.data.storage import SPLIT_NAMES as SPLITS
 from metalearn.errors import ConfigError, DataError
 
-__all__ = ["IMAGE_SUFFIXES", "RESAMPLE", "Resample", "SPLITS", "find_classes", "decode_image"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "RESAMPLE",
+    "Resample",
+    "SPLITS",
+    "class_folders",
+    "find_classes",
+    "decode_image",
+]
 
 
 #: File name endings of the formats Pillow opens.
@@ -40,7 +48,9 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _class_folders(root: Path, names: Sequence[str], where: str) -> Classes:
+def class_folders(root: Path, names: Sequence[str], where: str) -> Classes:
+    """(name, sorted image files) of each class folder ``root/<name>``; ``where`` names the
+    list of classes in errors (a missing folder, a folder without images)."""
     classes: Classes = []
     for name in names:
         folder = root / name
@@ -65,7 +75,7 @@ def _from_split_file(root: Path, split_file: Path) -> dict[str, Classes]:
             f"data.split_file={split_file} must be a JSON object with the keys train, val "
             f"and test, each a list of class folder names"
         )
-    return {split: _class_folders(root, list(spec[split]), str(split_file)) for split in SPLITS}
+    return {split: class_folders(root, list(spec[split]), str(split_file)) for split in SPLITS}
 
 
 def _from_csv(root: Path, csv_dir: Path) -> dict[str, Classes]:
@@ -114,7 +124,7 @@ def find_classes(
                 f"folder per split"
             )
         splits = {
-            split: _class_folders(
+            split: class_folders(
                 root / split,
                 sorted(p.name for p in (root / split).iterdir() if p.is_dir()),
                 f"{root / split}",

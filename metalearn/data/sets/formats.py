@@ -19,6 +19,7 @@ NUMPY_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2 (a str -> bytes call)
 }
 
 
