@@ -86,6 +86,18 @@ def real_omniglot(data_dir: Path, real_cache_dir: Path) -> OmniglotCharacters:
     return load_omniglot(data_dir, real_cache_dir, download=False, progress=False)
 
 
+#: Episodes small enough for a one-step run on a tiny copy of a data set.
+SMALL_EPISODES = [
+    "data.ways=2",
+    "data.shots=1",
+    "data.query_shots=1",
+    "data.meta_batch=1",
+    "data.val_episodes=1",
+    "data.test_episodes=1",
+    "data.eval_meta_batch=1",
+]
+
+
 def compose_config(
     name: str, overrides: list[str], output_dir: Path, data_dir: Path, cache_dir: Path
 ) -> DictConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import hydra
 import pytest
-from conftest import compose_config
+from conftest import SMALL_EPISODES, compose_config
 from PIL import Image
 from test_cifar import archive_bytes, cifar_files, write_archive
 from test_tieredimagenet import write_pickles
@@ -21,16 +21,6 @@ from metalearn.data.sets.cub import cub_root, cub_split
 from metalearn.data.sets.tieredimagenet import tieredimagenet_root
 from metalearn.errors import ConfigError
 from metalearn.pipeline import train
-
-SMALL_EPISODES = [
-    "data.ways=2",
-    "data.shots=1",
-    "data.query_shots=1",
-    "data.meta_batch=1",
-    "data.val_episodes=1",
-    "data.test_episodes=1",
-    "data.eval_meta_batch=1",
-]
 
 
 def write_cifar(data_dir: Path) -> list[str]:

@@ -16,7 +16,7 @@ import hydra.utils
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import SMALL_EPISODES, compose_config
 from fixtures_miniimagenet import (
     FIXTURE_CLASSES,
     FIXTURE_IMAGES,
@@ -461,15 +461,6 @@ FIXTURE_OVERRIDES = [
     "data.download=false",
 ]
 # The SNAIL ResNet on 84x84 is slow on a CPU: tiny episodes keep the run short.
-SMALL_EPISODES = [
-    "data.ways=2",
-    "data.shots=1",
-    "data.query_shots=1",
-    "data.meta_batch=1",
-    "data.val_episodes=1",
-    "data.test_episodes=1",
-    "data.eval_meta_batch=1",
-]
 
 
 @pytest.mark.parametrize(

@@ -36,8 +36,6 @@ and its MD5 checked before it is kept.
 
 from __future__ import annotations
 
-import importlib.resources
-import json
 import logging
 import pickle
 import tarfile
@@ -52,7 +50,7 @@ import torch
 from PIL import Image
 
 from metalearn.data.download import download_file, download_folder, one_line
-from metalearn.data.sets.formats import load_array_pickle
+from metalearn.data.sets.formats import load_array_pickle, packaged_split
 from metalearn.data.storage import SPLIT_NAMES, ClassImages
 from metalearn.errors import ConfigError, DataError
 
@@ -406,27 +404,6 @@ def _read(source: Path, per_class: Sequence[int]) -> _Cifar100:
 # --------------------------------------------------------------------------------------
 
 
-def _split_file(name: str, expected: Mapping[str, int]) -> tuple[str, dict[str, Any]]:
-    """The shipped split file ``splits/<name>.json``, checked for its class counts."""
-    resource = importlib.resources.files("metalearn.data") / "splits" / f"{name}.json"
-    where = f"the split file {resource}"
-    try:
-        payload = json.loads(resource.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {where} ({one_line(err)}); reinstall metalearn") from err
-    seen: set[str] = set()
-    for split in SPLIT_NAMES:
-        classes = payload.get(split) if isinstance(payload, dict) else None
-        if not isinstance(classes, list) or len(classes) != expected[split]:
-            raise DataError(
-                f"{where} does not list {expected[split]} {split} classes; reinstall metalearn"
-            )
-        if seen & set(classes) or len(set(classes)) != len(classes):
-            raise DataError(f"{where} lists a class twice; reinstall metalearn")
-        seen |= set(classes)
-    return str(resource), payload
-
-
 def _split_images(
     cifar: _Cifar100, labels: Sequence[int], names: Sequence[str], image_size: int
 ) -> ClassImages:
@@ -484,7 +461,7 @@ def _load(
             f"images_per_class must be two counts >= 1 (train file, test file), got "
             f"{tuple(images_per_class)}"
         )
-    where, payload = _split_file(name, expected)  # a broken install fails before any download
+    where, payload = packaged_split(name, expected)  # a broken install fails before any download
     source = prepare_cifar100(data_dir, download=download, progress=progress)
     cifar = _read(source, images_per_class)
     labels = {split: _labels_of(cifar, payload[split], split, where) for split in SPLIT_NAMES}

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.resources
-import json
 from pathlib import Path
 from typing import Any
 
 from metalearn.data.cache import cached_class_images, file_listing
 from metalearn.data.download import download_file, download_folder, extract_tar
 from metalearn.data.sets.folder import class_folders, decode_image
+from metalearn.data.sets.formats import packaged_split
 from metalearn.data.storage import SPLIT_NAMES, ClassImages
 from metalearn.errors import ConfigError, DataError
 
@@ -73,14 +72,8 @@ def cub_root(data_dir: str | Path) -> Path:
     return Path(data_dir).expanduser() / "cub"
 
 
-@functools.cache
 def _split_spec() -> dict[str, Any]:
-    path = importlib.resources.files("metalearn.data") / "splits" / "cub.json"
-    spec: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    for split, count in CUB_CLASSES.items():
-        if len(spec[split]) != count:  # a damaged installation, not a user error
-            raise DataError(f"{path} lists {len(spec[split])} {split} classes, not {count}")
-    return spec
+    return packaged_split("cub", CUB_CLASSES)[1]
 
 
 def cub_split(split: str) -> list[str]:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
+import json
 import pickle
+from collections.abc import Mapping
 from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["ArrayUnpickler", "load_array_pickle"]
+from metalearn.data.download import one_line
+from metalearn.data.storage import SPLIT_NAMES
+from metalearn.errors import DataError
+
+__all__ = ["ArrayUnpickler", "load_array_pickle", "packaged_split"]
 
 NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -46,3 +54,42 @@ def load_array_pickle(handle: IO[bytes]) -> Any:
         pickle.UnpicklingError: the pickle names a global outside :data:`NUMPY_GLOBALS`.
     """
     return ArrayUnpickler(handle, encoding="latin1").load()
+
+
+@functools.cache
+def _read_packaged(name: str) -> tuple[str, Any]:
+    resource = importlib.resources.files("metalearn.data") / "splits" / f"{name}.json"
+    try:
+        return str(resource), json.loads(resource.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"cannot read the split file {resource} ({one_line(err)}); reinstall metalearn"
+        ) from err
+
+
+def packaged_split(name: str, expected: Mapping[str, int]) -> tuple[str, dict[str, Any]]:
+    """The split file ``metalearn/data/splits/<name>.json`` shipped with the package (a
+    ``source`` entry citing where its class lists come from, one list of classes per split,
+    other entries a reader may use), checked for ``expected`` classes per split, each
+    class in one split only.
+
+    Returns:
+        The file's location (for messages) and its content.
+
+    Raises:
+        DataError: the file is unreadable or its lists are not as expected (a damaged
+            installation: reinstall).
+    """
+    where, payload = _read_packaged(name)
+    seen: set[str] = set()
+    for split in SPLIT_NAMES:
+        classes = payload.get(split) if isinstance(payload, dict) else None
+        if not isinstance(classes, list) or len(classes) != expected[split]:
+            raise DataError(
+                f"the split file {where} does not list {expected[split]} {split} classes; "
+                f"reinstall metalearn"
+            )
+        if seen & set(classes) or len(set(classes)) != len(classes):
+            raise DataError(f"the split file {where} lists a class twice; reinstall metalearn")
+        seen |= set(classes)
+    return where, payload

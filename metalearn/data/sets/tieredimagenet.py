@@ -46,9 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.resources
 import io
-import json
 import logging
 import pickle
 import zipfile
@@ -63,7 +61,7 @@ from PIL import Image, UnidentifiedImageError
 from metalearn.data.cache import cached_class_images, file_listing
 from metalearn.data.download import one_line
 from metalearn.data.sets.folder import RESAMPLE, class_folders, decode_image
-from metalearn.data.sets.formats import load_array_pickle
+from metalearn.data.sets.formats import load_array_pickle, packaged_split
 from metalearn.data.storage import SPLIT_NAMES, ClassImages
 from metalearn.errors import ConfigError, DataError
 
@@ -117,14 +115,8 @@ def tieredimagenet_root(data_dir: str | Path) -> Path:
     return Path(data_dir).expanduser() / "tieredimagenet"
 
 
-@functools.cache
 def _split_spec() -> dict[str, Any]:
-    path = importlib.resources.files("metalearn.data") / "splits" / "tieredimagenet.json"
-    spec: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    for split, count in TIEREDIMAGENET_CLASSES.items():
-        if len(spec[split]) != count:  # a damaged installation, not a user error
-            raise DataError(f"{path} lists {len(spec[split])} {split} classes, not {count}")
-    return spec
+    return packaged_split("tieredimagenet", TIEREDIMAGENET_CLASSES)[1]
 
 
 def tieredimagenet_split(split: str) -> list[str]:
