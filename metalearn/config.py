@@ -34,6 +34,7 @@ from metalearn.errors import ConfigError
 from metalearn.models.normalization import BATCH_STATS, BatchStats
 
 __all__ = [
+    "instantiate_group",
     "TrainSettings",
     "EvalSettings",
     "ExtrasSettings",
@@ -339,3 +340,13 @@ def check_config(cfg: DictConfig | Mapping[str, Any], schema: type) -> None:
                 check_target(f"{group}.{name}", node)
     if isinstance(plain.get("trainer"), Mapping):
         _check_trainer(plain["trainer"])
+
+
+def instantiate_group(group: Mapping[str, Any] | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a callbacks / logger group, dropping None."""
+    if not group:
+        return []
+    objects = (
+        hydra.utils.instantiate(conf) for conf in group.values() if conf and "_target_" in conf
+    )
+    return [obj for obj in objects if obj is not None]

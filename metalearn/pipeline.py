@@ -30,6 +30,7 @@ from metalearn.config import (
     TrainSettings,
     check_config,
     check_target,
+    instantiate_group,
     settings_of,
 )
 from metalearn.data.datamodule import EpisodicDataModule
@@ -54,16 +55,6 @@ log = logging.getLogger(__name__)
 
 #: evaluate.py names the test geometry ``ways``, ``shots``, ``query_shots``.
 EVAL_KEYS = ("ways", "shots", "query_shots")
-
-
-def _instantiate_all(group: Mapping[str, Any] | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a callbacks / logger group, dropping None."""
-    if not group:
-        return []
-    objects = (
-        hydra.utils.instantiate(conf) for conf in group.values() if conf and "_target_" in conf
-    )
-    return [obj for obj in objects if obj is not None]
 
 
 def _quiet_known_warnings() -> None:
@@ -267,8 +258,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: EpisodicDataModule = hydra.utils.instantiate(cfg.data)
     model: EpisodicModule = hydra.utils.instantiate(cfg.model)
     resume = _resume_checkpoint(cfg)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
     for logger in loggers:
         if resume is not None and isinstance(logger, CSVLogger):
             logger.resume_step = resume[1]  # keep the metrics logged before the checkpoint
@@ -443,7 +434,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if project and cfg.logger.wandb.get("project") in (None, "metalearn"):
             with open_dict(cfg):
                 cfg.logger.wandb.project = project
-    loggers = _instantiate_all(cfg.get("logger"))
+    loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[], enable_checkpointing=False
     )

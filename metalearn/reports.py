@@ -19,6 +19,7 @@ __all__ = [
     "protocol_label",
     "write_json",
     "markdown_table",
+    "table",
     "plot_accuracy_vs_steps",
 ]
 
@@ -66,19 +67,27 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table of preformatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
     """A markdown table: setting, protocol, inner steps, accuracy ± 95% CI, episodes."""
-    lines = [
-        "| setting | protocol | inner steps | accuracy (%) | episodes |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['ways']}-way {r['shots']}-shot, {r['query_shots']} queries | "
-            f"{protocol_label(r)} | {r['inner_steps']} | "
-            f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | {r['episodes']} |"
+    header = ("setting", "protocol", "inner steps", "accuracy (%)", "episodes")
+    rows = [
+        (
+            f"{r['ways']}-way {r['shots']}-shot, {r['query_shots']} queries",
+            protocol_label(r),
+            str(r["inner_steps"]),
+            f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}",
+            str(r["episodes"]),
         )
-    return "\n".join(lines) + "\n"
+        for r in results
+    ]
+    return table(header, rows)
 
 
 def plot_accuracy_vs_steps(

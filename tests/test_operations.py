@@ -575,10 +575,10 @@ def test_progress_bar_shows_episodes_per_second(tmp_path, data_dir, real_cache_d
     )
     import hydra.utils
 
-    from metalearn.pipeline import _instantiate_all
+    from metalearn.config import instantiate_group
 
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=_instantiate_all(cfg.callbacks), logger=False
+        cfg.trainer, callbacks=instantiate_group(cfg.callbacks), logger=False
     )
     trainer.fit(hydra.utils.instantiate(cfg.model), datamodule=hydra.utils.instantiate(cfg.data))
     assert trainer.progress_bar_metrics["episodes_per_s"] > 0

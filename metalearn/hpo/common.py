@@ -8,16 +8,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra.utils
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from metalearn.config import instantiate_group
 from metalearn.errors import ConfigError
 
 __all__ = [
     "ExperimentLoggers",
     "hpo_settings",
-    "markdown_table",
     "torch_threads",
 ]
 
@@ -65,13 +64,7 @@ class ExperimentLoggers:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        group = cfg.get("logger") or {}
-        self.loggers: list[Any] = []
-        for conf in group.values():
-            if conf and "_target_" in conf:
-                logger = hydra.utils.instantiate(conf)
-                if logger is not None:
-                    self.loggers.append(logger)
+        self.loggers: list[Any] = instantiate_group(cfg.get("logger"))
         if self.loggers:
             config = OmegaConf.to_container(cfg, resolve=True)
             for logger in self.loggers:
@@ -100,10 +93,3 @@ class ExperimentLoggers:
     def finalize(self) -> None:
         for logger in self.loggers:
             logger.finalize("success")
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A markdown table of preformatted cells."""
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"

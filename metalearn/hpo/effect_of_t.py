@@ -50,10 +50,9 @@ from metalearn.errors import ConfigError
 from metalearn.hpo.common import (
     ExperimentLoggers,
     hpo_settings,
-    markdown_table,
     torch_threads,
 )
-from metalearn.reports import write_json
+from metalearn.reports import table, write_json
 from metalearn.utils.files import save_figure, write_text
 
 __all__ = [
@@ -478,7 +477,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"{implicit['seconds']:.1f}",
         ]
     )
-    table = markdown_table(header, rows)
+    rendered = table(header, rows)
     summary = (
         f"{data.classes} classes, {int(hpo['train_per_class'])} training and "
         f"{int(hpo['val_per_class'])} validation examples per class, "
@@ -486,7 +485,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         f"{radius}; inner GD lr {float(lr):.4f}, l2 {l2}; {int(hpo['outer_steps'])} outer Adam "
         f"steps (lr {float(hpo['outer_lr'])}, decayed linearly to 0) per row; total {metrics['time/total_seconds']:.0f} s"
     )
-    print(table, end="")
+    print(rendered, end="")
     print(summary)
     write_json(
         {
@@ -498,7 +497,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         },
         out_dir / "effect_of_T.json",
     )
-    write_text(out_dir / "effect_of_T.md", f"# Effect of T\n\n{table}\n{summary}\n")
+    write_text(out_dir / "effect_of_T.md", f"# Effect of T\n\n{rendered}\n{summary}\n")
     plot = _plot(results, implicit, out_dir / "effect_of_T.png")
     print(f"reports written to {out_dir} (effect_of_T.md, effect_of_T.json, {plot.name})")
     loggers.log_images({"effect_of_T/plot": plot})

@@ -47,10 +47,9 @@ from metalearn.errors import ConfigError
 from metalearn.hpo.common import (
     ExperimentLoggers,
     hpo_settings,
-    markdown_table,
     torch_threads,
 )
-from metalearn.reports import write_json
+from metalearn.reports import table, write_json
 from metalearn.utils.divergence import diverging
 from metalearn.utils.files import save_figure, write_text
 
@@ -479,7 +478,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         _row("hyper-cleaning (learned weights)", metrics, "", True),
         _row("clean examples only (oracle)", metrics, "oracle/", False),
     ]
-    table = markdown_table(header, rows)
+    rendered = table(header, rows)
     n_corrupted = int(data.corrupted.sum())
     summary = (
         f"{len(data.train_y)} training examples ({n_corrupted} with a wrong label), "
@@ -488,7 +487,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         f"{hpo['outer_lr']}, {hpo['method']} hypergradient) in {outer_seconds:.0f} s; "
         f"detector: weight < {threshold}"
     )
-    print(table, end="")
+    print(rendered, end="")
     print(summary)
     settings: dict[str, Any] = {k: v for k, v in hpo.items() if k != "data_dir"}
     write_json(
@@ -496,7 +495,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         out_dir / "hyper_cleaning.json",
     )
     write_text(
-        out_dir / "hyper_cleaning.md", f"# Data hyper-cleaning (MNIST)\n\n{table}\n{summary}\n"
+        out_dir / "hyper_cleaning.md", f"# Data hyper-cleaning (MNIST)\n\n{rendered}\n{summary}\n"
     )
     plot = _plot_weights(weights, data.corrupted, threshold, out_dir / "weights.png")
     print(f"reports written to {out_dir} (hyper_cleaning.md, hyper_cleaning.json, {plot.name})")
