@@ -346,6 +346,17 @@ def test_a_run_folder_that_cannot_be_created_is_one_line(folder, reason, tmp_pat
     assert (tmp_path / "sweep").is_dir()
 
 
+@pytest.mark.parametrize("quote", ['"', "'"])
+def test_a_quoted_run_folder_is_the_folder_hydra_reads(quote, tmp_path, monkeypatch):
+    """Lightning's plain ddp relaunches each rank with ``hydra.run.dir="<dir>"``: Hydra's
+    override grammar drops the quotes, and so must the check that creates the folder."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    check_output_dirs([f"hydra.run.dir={quote}{run}{quote}"], tmp_path / "logs")
+    assert run.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no folder named with a quote
+
+
 def test_train_cli_with_an_impossible_run_folder(tmp_path, data_dir, real_cache_dir):
     (tmp_path / "a-file").write_text("")
     result = cli(

@@ -154,6 +154,8 @@ def check_output_dirs(arguments: list[str], default_log_dir: str | Path) -> None
     given = {}
     for argument in arguments:
         key, sep, value = argument.lstrip("+").partition("=")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]  # a quoted value, as Hydra reads it (plain ddp passes one)
         if sep and key in _OUTPUT_KEYS and value:
             given[key] = value
     run_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
