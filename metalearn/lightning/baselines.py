@@ -111,8 +111,9 @@ class PrototypicalNetwork(EpisodicModule):
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
         nonfinite: Nonfinite = "raise",
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite)
+        super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite, compile)
         self.save_hyperparameters(
             {
                 "backbone": plain(backbone),
@@ -120,6 +121,7 @@ class PrototypicalNetwork(EpisodicModule):
                 "optimizer": self.optimizer_config,
                 "lr_decay": lr_decay,
                 "nonfinite": nonfinite,
+                "compile": compile,
             }
         )
 
@@ -167,8 +169,9 @@ class _InnerLoopLearner(EpisodicModule):
         optimizer: Mapping[str, Any] | None,
         lr_decay: float,
         nonfinite: Nonfinite,
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite)
+        super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite, compile)
         if inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 1):
             raise ConfigError(
                 f"model.inner_steps and model.eval_inner_steps must be >= 1, got "
@@ -268,7 +271,16 @@ class MAML(_InnerLoopLearner):
         optimizer: Hydra config of the outer optimizer, ``_partial_: true``.
         lr_decay: inverse-time decay of the outer learning rate per step (0: constant).
         nonfinite: ``"raise"`` or ``"skip"`` on an inf/NaN training loss.
+        compile: ``torch.compile`` the meta-step (see
+            :class:`~metalearn.lightning.episodic.EpisodicModule`): not supported, see
+            :attr:`compile_unsupported`.
     """
+
+    compile_unsupported = (
+        "MAML cannot be compiled: its inner loop differentiates with "
+        "torch.autograd.grad(create_graph=True) under torch.func.vmap, which torch.compile "
+        "does not trace"
+    )
 
     def __init__(
         self,
@@ -285,6 +297,7 @@ class MAML(_InnerLoopLearner):
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
         nonfinite: Nonfinite = "raise",
+        compile: bool | str = False,
     ) -> None:
         super().__init__(
             backbone,
@@ -298,6 +311,7 @@ class MAML(_InnerLoopLearner):
             optimizer,
             lr_decay,
             nonfinite,
+            compile,
         )
         self.save_hyperparameters(
             {
@@ -314,6 +328,7 @@ class MAML(_InnerLoopLearner):
                 "optimizer": self.optimizer_config,
                 "lr_decay": lr_decay,
                 "nonfinite": nonfinite,
+                "compile": compile,
             }
         )
         if batch_stats not in MAML_BATCH_STATS:
@@ -405,6 +420,8 @@ class ANIL(_InnerLoopLearner):
         optimizer: Hydra config of the outer optimizer, ``_partial_: true``.
         lr_decay: inverse-time decay of the outer learning rate per step (0: constant).
         nonfinite: ``"raise"`` or ``"skip"`` on an inf/NaN training loss.
+        compile: ``torch.compile`` the meta-step (see
+            :class:`~metalearn.lightning.episodic.EpisodicModule`).
     """
 
     def __init__(
@@ -423,6 +440,7 @@ class ANIL(_InnerLoopLearner):
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
         nonfinite: Nonfinite = "raise",
+        compile: bool | str = False,
     ) -> None:
         super().__init__(
             backbone,
@@ -436,6 +454,7 @@ class ANIL(_InnerLoopLearner):
             optimizer,
             lr_decay,
             nonfinite,
+            compile,
         )
         self.save_hyperparameters(
             {
@@ -453,6 +472,7 @@ class ANIL(_InnerLoopLearner):
                 "optimizer": self.optimizer_config,
                 "lr_decay": lr_decay,
                 "nonfinite": nonfinite,
+                "compile": compile,
             }
         )
         self.l2, self.first_order, self.center_features = l2, first_order, center_features
@@ -519,7 +539,13 @@ class ClassicalJointTraining(EpisodicModule):
         optimizer: Hydra config of the outer optimizer, ``_partial_: true``.
         lr_decay: inverse-time decay of the learning rates per step (0: constant).
         nonfinite: ``"raise"`` or ``"skip"`` on an inf/NaN training loss.
+        compile: not supported, see :attr:`compile_unsupported`.
     """
+
+    compile_unsupported = (
+        "it covers the episode step of the meta-learners, and the classical baseline's "
+        "training step (pool heads trained jointly with the backbone) is not one"
+    )
 
     def __init__(
         self,
@@ -536,8 +562,9 @@ class ClassicalJointTraining(EpisodicModule):
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
         nonfinite: Nonfinite = "raise",
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite)
+        super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite, compile)
         self.save_hyperparameters(
             {
                 "backbone": plain(backbone),
@@ -553,6 +580,7 @@ class ClassicalJointTraining(EpisodicModule):
                 "optimizer": self.optimizer_config,
                 "lr_decay": lr_decay,
                 "nonfinite": nonfinite,
+                "compile": compile,
             }
         )
         if pool_episodes < 1:

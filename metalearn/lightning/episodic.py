@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import hydra.utils
@@ -11,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from metalearn.bilevel import fit_linear_heads, head_logits
@@ -31,6 +32,7 @@ from metalearn.utils.divergence import DIVERGENCE_FACTOR, diverging
 __all__ = [
     "EpisodicModule",
     "BatchStats",
+    "COMPILE_MODES",
     "Nonfinite",
     "InverseTimeDecay",
     "TrainingDiverged",
@@ -40,6 +42,11 @@ __all__ = [
 
 #: What training does when a meta-batch's loss is inf or NaN (``model.nonfinite``).
 Nonfinite = Literal["raise", "skip"]
+
+
+#: ``model.compile``: ``false`` (eager), ``true`` (torch.compile's default mode) or one of
+#: torch.compile's modes; ``reduce-overhead`` (CUDA graphs) needs a CUDA device.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class TrainingDiverged(MetalearnError, FloatingPointError):
@@ -61,6 +68,22 @@ def plain(config: Any) -> Any:
     return (
         OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
     )
+
+
+def check_compile(compile: Any, unsupported: str | None = None) -> str | None:
+    """The torch.compile mode of a ``model.compile`` setting (``None``: eager), or
+    :class:`ConfigError`; ``unsupported`` says why the learner cannot be compiled."""
+    if compile is False or compile is None:
+        return None
+    mode = "default" if compile is True else compile
+    if mode not in COMPILE_MODES:
+        raise ConfigError(
+            f"model.compile must be true, false or one of {', '.join(COMPILE_MODES)}, "
+            f"got {compile!r}"
+        )
+    if unsupported:
+        raise ConfigError(f"model.compile: {unsupported}; set model.compile=false")
+    return str(mode)
 
 
 def query_metrics(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,7 +112,17 @@ class EpisodicModule(pl.LightningModule):
         lr_decay: inverse-time decay of the learning rate per step (0: constant).
         nonfinite: when the training loss is inf or NaN: ``"raise"`` stops training with
             a message naming the step; ``"skip"`` skips that meta-batch's update.
+        compile: run :meth:`episode_forward` (backbone, inner solve, query loss: what a
+            training or evaluation step computes, without logging and the optimizer)
+            through ``torch.compile`` with ``fullgraph=True`` and static shapes: ``False``
+            (eager), ``True`` (the default mode) or a mode of :data:`COMPILE_MODES`. The
+            training and the evaluation graph are compiled once each (their shapes, grad
+            mode and ``per_step`` differ), and each compile time is reported once.
+            Learners whose step cannot be traced set :attr:`compile_unsupported`.
     """
+
+    #: Why this learner's step cannot be compiled (``None``: it can).
+    compile_unsupported: str | None = None
 
     def __init__(
         self,
@@ -98,10 +131,12 @@ class EpisodicModule(pl.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
         nonfinite: Nonfinite = "raise",
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if nonfinite not in ("raise", "skip"):
             raise ConfigError(f"model.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.compile_mode = check_compile(compile, self.compile_unsupported)
         check_batch_stats(batch_stats)
         self.backbone: nn.Module = build_backbone(plain(backbone), batch_stats)
         self.batch_stats, self.nonfinite = batch_stats, nonfinite
@@ -115,6 +150,8 @@ class EpisodicModule(pl.LightningModule):
         self.skipped_batches = 0
         self._skip_update = False
         self._divergence_warned = False
+        self._compiled: Callable[..., Any] | None = None
+        self._compiled_graphs: set[tuple[Any, ...]] = set()
         self._episode_rows: list[Tensor] = []
         self._episode_ids: list[Tensor] = []
         #: The last validation / test result: accuracy, ci95, episodes, loss, and the mean
@@ -159,9 +196,49 @@ class EpisodicModule(pl.LightningModule):
             ``(loss (B,), accuracy (B,), accuracy_per_step)``: the last as in
             :meth:`episode_logits`.
         """
+        if self.compile_mode is None:
+            return self._episode_forward(batch, steps, per_step)
+        return self._compiled_forward(batch, steps, per_step)
+
+    def _episode_forward(
+        self, batch: EpisodeBatch, steps: int, per_step: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         logits, curve = self.episode_logits(batch, steps, per_step)
         loss, accuracy = query_metrics(logits, batch.query_labels)
         return loss, accuracy, curve
+
+    def _compiled_forward(
+        self, batch: EpisodeBatch, steps: int, per_step: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`_episode_forward` through ``torch.compile``; reports each graph's compile
+        time (its first call) once."""
+        if self._compiled is None:
+            self._compiled = torch.compile(
+                self._episode_forward, fullgraph=True, dynamic=False, mode=self.compile_mode
+            )
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        key = (
+            torch.is_grad_enabled(),
+            self.training,
+            steps,
+            per_step,
+            batch.ways,
+            tuple(batch.support.shape),
+            tuple(batch.query.shape),
+        )
+        if key in self._compiled_graphs:
+            return self._compiled(batch, steps, per_step)
+        start = time.perf_counter()
+        out = self._compiled(batch, steps, per_step)
+        self._compiled_graphs.add(key)
+        what = "training" if torch.is_grad_enabled() else "evaluation"
+        rank_zero_info(
+            f"torch.compile (mode {self.compile_mode}): first {what} step of "
+            f"{len(batch.episode_ids)} episodes, T = {steps}, compile included: "
+            f"{time.perf_counter() - start:.1f} s"
+        )
+        return out
 
     def linear_head_logits(
         self,
@@ -295,6 +372,17 @@ class EpisodicModule(pl.LightningModule):
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
         if optimizer is not None:
             self.log("train/outer_lr", float(optimizer.param_groups[0]["lr"]), batch_size=size)
+
+    def setup(self, stage: str) -> None:
+        """Check that ``model.compile=reduce-overhead`` (CUDA graphs) runs on a CUDA device."""
+        if self.compile_mode != "reduce-overhead" or self._trainer is None:
+            return
+        device = self.trainer.strategy.root_device
+        if device.type != "cuda":
+            raise ConfigError(
+                f"model.compile=reduce-overhead uses CUDA graphs and needs a CUDA device; "
+                f"this run is on {device.type}: use model.compile=true"
+            )
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

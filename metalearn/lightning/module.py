@@ -47,6 +47,8 @@ class HyperRepresentation(EpisodicModule):
             support and query features before the inner solve (part of the representation;
             uses the support set only). ReLU features are all positive, and their common
             mean direction otherwise dominates the curvature of the inner problem.
+        compile: ``torch.compile`` the meta-step (see
+            :class:`~metalearn.lightning.episodic.EpisodicModule`).
     """
 
     def __init__(
@@ -65,8 +67,9 @@ class HyperRepresentation(EpisodicModule):
         lr_decay: float = 1e-5,
         nonfinite: Nonfinite = "raise",
         center_features: bool = False,
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite)
+        super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite, compile)
         self.save_hyperparameters(
             {
                 "backbone": plain(backbone),
@@ -83,6 +86,7 @@ class HyperRepresentation(EpisodicModule):
                 "lr_decay": lr_decay,
                 "nonfinite": nonfinite,
                 "center_features": center_features,
+                "compile": compile,
             }
         )
         if inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 1):
