@@ -214,3 +214,70 @@ def test_datamodule_on_generated_fixture(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch.support.shape == (2, 3, 1, 28, 28)
     assert np.isin(batch.support_labels.numpy(), [0, 1, 2]).all()
+
+
+def reference_batch(sampler: EpisodeSampler, images: torch.Tensor, indices) -> dict:
+    """The definition, episode by episode: images[class, position] of episode_indices."""
+    support, query = [], []
+    for i in indices:
+        classes, s, q = sampler.episode_indices(i)
+        support.append(torch.stack([images[c, p] for c, row in zip(classes, s) for p in row]))
+        query.append(torch.stack([images[c, p] for c, row in zip(classes, q) for p in row]))
+    return {"support": torch.stack(support), "query": torch.stack(query)}
+
+
+@pytest.mark.parametrize("disjoint", [True, False])
+def test_one_index_array_per_meta_batch_gathers_the_defined_episodes(disjoint):
+    """draw() packs a meta-batch's positions and ids in one int64 array; gather() on it
+    gives exactly the episodes of episode_indices, labels and ids included."""
+    images = toy_images()
+    sampler = EpisodeSampler(images, 4, 2, 3, seed=7, split="val", disjoint=disjoint)
+    indices = [5, 0, 99, 12]
+    drawn = sampler.draw(indices)
+    assert drawn.dtype == np.int64 and drawn.shape == (4 * 4 * (2 + 3) + 4,)
+    batch = sampler.gather(drawn)
+    expected = reference_batch(sampler, images, indices)
+    assert torch.equal(batch.support, expected["support"])
+    assert torch.equal(batch.query, expected["query"])
+    assert batch.episode_ids.tolist() == indices
+    assert batch.support_labels.tolist() == [[0, 0, 1, 1, 2, 2, 3, 3]] * 4
+    assert batch.query_labels.tolist() == [[c for c in range(4) for _ in range(3)]] * 4
+
+
+def test_classes_of_different_sizes_gather_the_defined_episodes():
+    from metalearn.data.storage import ClassImages
+
+    counts = [5, 9, 6, 7, 12]
+    flat = torch.arange(sum(counts), dtype=torch.uint8)[:, None, None, None].expand(-1, 1, 2, 2)
+    store = ClassImages(flat.clone(), np.concatenate([[0], np.cumsum(counts)]))
+    sampler = EpisodeSampler(store, 3, 1, 4, seed=1, split="train")
+    batch = sampler.sample(range(6))
+    for row, i in enumerate(range(6)):
+        classes, s, q = sampler.episode_indices(i)
+        starts = store.offsets[classes]
+        assert batch.support[row, :, 0, 0, 0].tolist() == (starts[:, None] + s).ravel().tolist()
+        assert batch.query[row, :, 0, 0, 0].tolist() == (starts[:, None] + q).ravel().tolist()
+
+
+def test_the_training_stream_draws_the_next_meta_batch_in_the_background(monkeypatch):
+    """While step s is handed out, the indices of step s + 1 are drawn on another thread;
+    the stream is exactly sample(episode_ids(s)) for s in [start, end)."""
+    import threading
+
+    sampler = EpisodeSampler(toy_images(), 3, 1, 2, seed=3, split="train")
+    threads: list[str] = []
+    draw = sampler.draw
+
+    def recording_draw(indices):
+        threads.append(threading.current_thread().name)
+        return draw(indices)
+
+    monkeypatch.setattr(sampler, "draw", recording_draw)
+    stream = TrainEpisodes(sampler, meta_batch=4, start_step=2, end_step=7)
+    batches = list(stream)
+    assert len(batches) == 5 and len(threads) == 5
+    assert all(name.startswith("episode-draw") for name in threads)
+    for step, batch in zip(range(2, 7), batches, strict=True):
+        expected = sampler.gather(draw(stream.episode_ids(step)))
+        for got, want in zip(batch[:-1], expected[:-1], strict=True):
+            assert torch.equal(got, want)

@@ -64,3 +64,26 @@ def test_shape_errors():
         net(torch.randn(28, 28))
     with pytest.raises(ValueError, match="BatchNorm mode"):
         omniglot_net(norm="group")
+
+
+@pytest.mark.parametrize(
+    "norm, support_size", [("batch", None), ("batch", 3), ("running", None)], ids=str
+)
+def test_the_channels_last_backbone_computes_the_contiguous_one(norm, support_size):
+    """Float64: the same features and gradients from both memory formats (group-major rows
+    for per-episode BatchNorm against example-major ones), for episodes and plain batches."""
+    torch.manual_seed(0)
+    a = ConvBackbone(channels=8, norm=norm, channels_last=False).double()
+    b = ConvBackbone(channels=8, norm=norm, channels_last=True).double()
+    b.load_state_dict(a.state_dict())
+    assert b.blocks[1].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    episodes = torch.rand(3, 7, 1, 28, 28, dtype=torch.float64)
+    size = None if norm == "running" else support_size
+    fa, fb = a(episodes, support_size=size), b(episodes, support_size=size)
+    torch.testing.assert_close(fb, fa, rtol=1e-12, atol=1e-12)
+    (fa * torch.arange(fa.numel()).view_as(fa).sin()).sum().backward()
+    (fb * torch.arange(fb.numel()).view_as(fb).sin()).sum().backward()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    flat = episodes.flatten(0, 1)
+    torch.testing.assert_close(b(flat), a(flat), rtol=1e-12, atol=1e-12)

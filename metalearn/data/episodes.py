@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -155,7 +156,8 @@ class EpisodeSampler:
         counts = store.counts
         self._uniform = bool(np.all(counts == counts[0]))
         self._widest = int(counts.max())
-        self._offsets = torch.from_numpy(store.offsets[:-1].copy()).to(store.images.device)
+        self._host_offsets = np.asarray(store.offsets[:-1], dtype=np.int64)
+        self._label_cache: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
 
     @property
     def num_classes(self) -> int:
@@ -188,30 +190,66 @@ class EpisodeSampler:
             query = np.stack([row[: self.query_shots] for row in again])
         return classes, support, query
 
-    def sample(self, indices: Sequence[int]) -> EpisodeBatch:
-        """Gather the episodes ``indices`` into one :class:`EpisodeBatch`."""
+    def draw(self, indices: Sequence[int]) -> np.ndarray:
+        """The host-side half of :meth:`sample`: every index the meta-batch needs, in one
+        int64 array (a single host-to-device copy).
+
+        Layout: the flat image positions of the support images (B * N * K, class-major per
+        episode), then of the query images (B * N * Q), then the B episode ids.
+        """
         picks = [self.episode_indices(int(i)) for i in indices]
+        offsets = self._host_offsets
+        first = offsets[np.stack([p[0] for p in picks])][:, :, None]  # (B, N, 1)
+        support = first + np.stack([p[1] for p in picks])
+        query = first + np.stack([p[2] for p in picks])
+        ids = np.asarray(list(indices), dtype=np.int64)
+        return np.concatenate([support.ravel(), query.ravel(), ids]).astype(np.int64)
+
+    def gather(self, drawn: np.ndarray | Tensor) -> EpisodeBatch:
+        """The device half of :meth:`sample`: copy the indices of :meth:`draw` to the
+        images' device once (pinned and non-blocking for a CUDA device) and gather the
+        support and query images in one indexing operation."""
         images = self._store.images
-        device = images.device  # images may live on the training device
-
-        def stacked(part: int) -> Tensor:
-            return torch.from_numpy(np.stack([p[part] for p in picks])).to(device)
-
-        first = self._offsets[stacked(0)][:, :, None]  # (B, N, 1): each class's first image
-        support_pos, query_pos = first + stacked(1), first + stacked(2)
-        batch = len(picks)
+        device = images.device
+        indices = torch.as_tensor(drawn)
+        if device.type == "cuda" and indices.device.type == "cpu":
+            indices = indices.pin_memory().to(device, non_blocking=True)
+        else:
+            indices = indices.to(device)
+        per_episode = self.ways * (self.shots + self.query_shots) + 1
+        batch = len(indices) // per_episode
+        support_size, query_size = (
+            batch * self.ways * self.shots,
+            batch * self.ways * self.query_shots,
+        )
+        gathered = images[indices[: support_size + query_size]]
         shape = images.shape[1:]
-        support = images[support_pos.flatten()].reshape(batch, -1, *shape)
-        query = images[query_pos.flatten()].reshape(batch, -1, *shape)
-        labels = torch.arange(self.ways, device=device)
+        support_labels, query_labels = self._labels(device, batch)
         return EpisodeBatch(
-            support=support,
-            support_labels=labels.repeat_interleave(self.shots).expand(batch, -1).contiguous(),
-            query=query,
-            query_labels=labels.repeat_interleave(self.query_shots).expand(batch, -1).contiguous(),
-            episode_ids=torch.as_tensor(list(indices), dtype=torch.int64, device=device),
+            support=gathered[:support_size].view(batch, -1, *shape),
+            support_labels=support_labels,
+            query=gathered[support_size:].view(batch, -1, *shape),
+            query_labels=query_labels,
+            episode_ids=indices[support_size + query_size :],
             ways=self.ways,
         )
+
+    def _labels(self, device: torch.device, batch: int) -> tuple[Tensor, Tensor]:
+        """Support and query labels (B, N * K) and (B, N * Q), made once per device and B."""
+        key = (str(device), batch)
+        if key not in self._label_cache:
+            labels = torch.arange(self.ways, device=device)
+            self._label_cache[key] = (
+                labels.repeat_interleave(self.shots).expand(batch, -1).contiguous(),
+                labels.repeat_interleave(self.query_shots).expand(batch, -1).contiguous(),
+            )
+        support, query = self._label_cache[key]
+        return support, query
+
+    def sample(self, indices: Sequence[int]) -> EpisodeBatch:
+        """Gather the episodes ``indices`` into one :class:`EpisodeBatch`
+        (:meth:`draw`, then :meth:`gather`)."""
+        return self.gather(self.draw(indices))
 
 
 class TrainEpisodes(IterableDataset):
@@ -264,12 +302,27 @@ class TrainEpisodes(IterableDataset):
         return range(first, first + local)
 
     def __iter__(self) -> Iterator[EpisodeBatch]:
+        """Meta-batches from ``start_step`` on. In the main process the host-side drawing
+        of the next meta-batch's indices (:meth:`EpisodeSampler.draw`) runs on a
+        background thread while the current step trains; only the gather is left on the
+        critical path. Worker processes (``num_workers > 0``) draw and gather in turn."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         step, end = self.start_step + worker, self.end_step
-        while end is None or step < end:
-            yield self.sampler.sample(self.episode_ids(step))
-            step += workers
+        sampler = self.sampler
+        if info is not None:
+            while end is None or step < end:
+                yield sampler.sample(self.episode_ids(step))
+                step += workers
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="episode-draw") as pool:
+            upcoming = pool.submit(sampler.draw, self.episode_ids(step))
+            while end is None or step < end:
+                drawn = upcoming.result()
+                step += 1
+                if end is None or step < end:
+                    upcoming = pool.submit(sampler.draw, self.episode_ids(step))
+                yield sampler.gather(drawn)
 
 
 class FixedEpisodes(Dataset):
