@@ -1,18 +1,45 @@
-"""Cost of one bilevel meta-step against a plain forward + backward of the same backbone.
+"""Cost of a bilevel meta-step: eager and compiled, against a plain forward + backward and
+against learn2learn's recipes on the same backbone and images.
 
-Prints one JSON line per inner-step count T: conv4 Omniglot, 5-way 1-shot, 15 queries per
-class, meta-batch 16, on the CPU (or ``--device cuda``).
+Prints one JSON line per (geometry, meta-batch, T): conv4 Omniglot, 15 queries per class,
+geometries 5w1s, 20w1s and 5w5s, meta-batch 4 and 16, T in {1, 5, 20, 100} by default.
+All timings of one line are measured side by side (round robin over the repeats, median
+of each), so their ratios do not depend on how busy the machine was.
 
-    bilevel_s    one meta-step: backbone forward over support ∪ query, T-step head solve
-                 with the graph kept, query cross-entropy, backward (median of repeats)
-    plain_s      forward + backward of the same backbone on the same images, with a
-                 plain loss on the features (the physical limit of a meta-step)
-    ratio        bilevel_s / plain_s
-    peak_mem_mb  peak of the bytes of all tensors alive during the meta-step (tracked per
-                 allocation with a dispatch mode; parameters and the input batch excluded)
-    sample_s     drawing one meta-batch of 16 episodes from the training split (median)
+    eager_s, compiled_s   one meta-step of the hyper-representation (the paper's settings):
+                          backbone over support and query, T-step head solve with its
+                          graph, query cross-entropy, backward; compiled: the step as
+                          model.compile=true compiles it (compile_s: its first call)
+    eager_channels_last_s the eager meta-step with model.backbone.channels_last=true
+    plain_s, plain_compiled_s
+                          forward + backward of the same backbone on the same images with a
+                          plain loss on the features (the cost of the representation alone)
+    ratio, compiled_ratio eager_s / plain_s and compiled_s / plain_s
+    peak_mem_mb           peak bytes of the tensors alive during the eager meta-step
+                          (parameters and input excluded; on CUDA the allocator's peak)
+    draw_s, gather_s      host-side drawing of a meta-batch's indices (done ahead, on a
+                          background thread, while the previous step trains) and the
+                          gather of its images (on the critical path)
+    sampler_share         gather_s / min(eager_s, compiled_s): sampling's part of a step
+    episodes_per_s        meta-batch / step time, eager, compiled and channels-last
+    l2l_anil_s, l2l_maml_s
+                          with the `l2l` extra installed: learn2learn 0.2.0's recipes, one
+                          task at a time, the same backbone, images and T, with the outer
+                          Adam step: ANIL (l2l.algorithms.MAML around the linear head on
+                          the backbone's features) and MAML on the whole network (second
+                          order; only for T <= --maml-max-steps, it is T x slower per task)
+    vs_l2l_anil, vs_l2l_maml
+                          the peer's step time / the fastest of ours (how many times
+                          faster); the peers run the default (contiguous) backbone
 
-Usage: python bench/step_speed.py [--steps 1 5 20 100] [--repeats 10] [--device cpu]
+With --train-steps N it also runs `train.py experiment=omniglot_5w1s_quick` for N steps, as
+configured and with model.backbone.channels_last=true, and prints the steady-state training
+episodes/s of each (the Lightning loop, logging and sampling included; the first quarter of
+the steps dropped) next to learn2learn's ANIL recipe at that geometry.
+
+Usage: python bench/step_speed.py [--steps 1 5 20 100] [--geometries 5w1s 20w1s 5w5s]
+           [--meta-batches 4 16] [--repeats 5] [--device cpu] [--no-compile]
+           [--train-steps 300]
 Images come from the real Omniglot when METALEARN_DATA_DIR (or --data-dir) holds it, else
 from random uint8 images of the same shape (timings do not depend on pixel values).
 """
@@ -20,10 +47,12 @@ from random uint8 images of the same shape (timings do not depend on pixel value
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import weakref
 from collections.abc import Callable
@@ -31,11 +60,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from metalearn.data.episodes import EpisodeSampler
+from metalearn.data.episodes import EpisodeBatch, EpisodeSampler
 from metalearn.lightning import HyperRepresentation
 
+REPO = Path(__file__).resolve().parents[1]
 BACKBONE = {
     "_target_": "metalearn.models.ConvBackbone",
     "in_channels": 1,
@@ -44,6 +76,8 @@ BACKBONE = {
     "stride": 2,
     "image_size": 28,
 }
+GEOMETRIES = {"5w1s": (5, 1), "20w1s": (20, 1), "5w5s": (5, 5)}
+QUERY_SHOTS = 15
 
 
 class PeakMemory(TorchDispatchMode):
@@ -73,18 +107,30 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def side_by_side(
+    fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds of each function, measured in turn (round robin) after a warm-up."""
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def training_images(data_dir: str | None, cache_dir: str) -> torch.Tensor:
@@ -98,90 +144,293 @@ def training_images(data_dir: str | None, cache_dir: str) -> torch.Tensor:
     return torch.randint(0, 256, (4800, 20, 1, 28, 28), dtype=torch.uint8)
 
 
+def to_device(batch: EpisodeBatch, device: torch.device) -> EpisodeBatch:
+    return batch._replace(**{k: getattr(batch, k).to(device) for k in batch._fields if k != "ways"})
+
+
+def peak_bytes(step: Callable[[], Any], device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    tracker = PeakMemory()
+    with tracker:
+        step()
+    return tracker.peak
+
+
+# -- learn2learn's recipes ---------------------------------------------------------------
+def l2l_recipes(
+    batch: EpisodeBatch, steps: int, device: torch.device, maml: bool
+) -> dict[str, Callable[[], None]]:
+    """learn2learn's ANIL and MAML training steps (one task at a time, as its examples)."""
+    import learn2learn as l2l  # the `l2l` extra
+
+    from metalearn.models import ConvBackbone
+
+    ways = batch.ways
+    kwargs = {k: v for k, v in BACKBONE.items() if k != "_target_"}
+
+    def anil_recipe() -> Callable[[], None]:
+        features = ConvBackbone(**kwargs).to(device)
+        head = l2l.algorithms.MAML(nn.Linear(features.feature_dim, ways), lr=0.1).to(device)
+        optimizer = torch.optim.Adam([*features.parameters(), *head.parameters()], 1e-3)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            for task in range(len(batch.support)):
+                images = torch.cat([batch.support[task], batch.query[task]]).float() / 255
+                embedded = features(images)
+                support, query = (
+                    embedded[: batch.support.shape[1]],
+                    embedded[batch.support.shape[1] :],
+                )
+                learner = head.clone()
+                for _ in range(steps):
+                    learner.adapt(F.cross_entropy(learner(support), batch.support_labels[task]))
+                loss = F.cross_entropy(learner(query), batch.query_labels[task])
+                (loss / len(batch.support)).backward()
+            optimizer.step()
+
+        return step
+
+    def maml_recipe() -> Callable[[], None]:
+        backbone = ConvBackbone(**kwargs)
+        network = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, ways)).to(device)
+        model = l2l.algorithms.MAML(network, lr=0.1)
+        optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            for task in range(len(batch.support)):
+                learner = model.clone()
+                support = batch.support[task].float() / 255
+                for _ in range(steps):
+                    learner.adapt(F.cross_entropy(learner(support), batch.support_labels[task]))
+                query = batch.query[task].float() / 255
+                loss = F.cross_entropy(learner(query), batch.query_labels[task])
+                (loss / len(batch.support)).backward()
+            optimizer.step()
+
+        return step
+
+    recipes = {"l2l_anil_s": anil_recipe()}
+    if maml:
+        recipes["l2l_maml_s"] = maml_recipe()
+    return recipes
+
+
+def have_l2l() -> bool:
+    try:
+        import learn2learn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- one geometry ------------------------------------------------------------------------
+def measure(
+    sampler: EpisodeSampler,
+    meta_batch: int,
+    steps: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    draw_s: float,
+    gather_s: float,
+) -> dict[str, Any]:
+    batch = to_device(sampler.sample(range(meta_batch)), device)
+    torch.manual_seed(0)
+    model = HyperRepresentation(BACKBONE, inner_steps=steps).to(device).train()
+    channels_last = {**BACKBONE, "channels_last": True}
+    fast = HyperRepresentation(channels_last, inner_steps=steps).to(device).train()
+    fast.load_state_dict(model.state_dict())
+    images = torch.cat([batch.support, batch.query], dim=1)
+
+    def meta_step(forward: Callable[..., Any], module: nn.Module = model) -> Callable[[], None]:
+        def step() -> None:
+            module.zero_grad(set_to_none=True)
+            loss, _, _ = forward(batch, steps, False)
+            loss.mean().backward()
+
+        return step
+
+    def plain_step(backbone: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            backbone(images.float().div_(255)).square().mean().backward()
+
+        return step
+
+    fns = {
+        "eager_s": meta_step(model._episode_forward),
+        "eager_channels_last_s": meta_step(fast._episode_forward, fast),
+        "plain_s": plain_step(model.backbone),
+    }
+    row: dict[str, Any] = {}
+    if args.compile:
+        torch._dynamo.reset()
+        compiled = torch.compile(model._episode_forward, fullgraph=True, dynamic=False)
+        row["compile_s"] = round(timed(meta_step(compiled), device), 2)
+        fns["compiled_s"] = meta_step(compiled)
+        compiled_backbone = torch.compile(model.backbone, fullgraph=True, dynamic=False)
+        fns["plain_compiled_s"] = plain_step(compiled_backbone)
+    peers = args.peers and have_l2l()
+    if peers:
+        fns.update(l2l_recipes(batch, steps, device, maml=steps <= args.maml_max_steps))
+    times = side_by_side(fns, args.repeats, device)
+    ours = min(
+        times["eager_s"], times["eager_channels_last_s"], times.get("compiled_s", float("inf"))
+    )
+    row.update({name: round(value, 5) for name, value in times.items()})
+    row["ratio"] = round(times["eager_s"] / times["plain_s"], 3)
+    if "compiled_s" in times:
+        row["compiled_ratio"] = round(times["compiled_s"] / times["plain_s"], 3)
+        row["compiled_speedup"] = round(times["eager_s"] / times["compiled_s"], 3)
+        row["episodes_per_s_compiled"] = round(meta_batch / times["compiled_s"], 2)
+    row["episodes_per_s_eager"] = round(meta_batch / times["eager_s"], 2)
+    row["episodes_per_s_channels_last"] = round(meta_batch / times["eager_channels_last_s"], 2)
+    row["peak_mem_mb"] = round(peak_bytes(meta_step(model._episode_forward), device) / 2**20, 2)
+    row["draw_s"], row["gather_s"] = round(draw_s, 6), round(gather_s, 6)
+    row["sampler_share"] = round(gather_s / ours, 4)
+    for peer in ("l2l_anil_s", "l2l_maml_s"):
+        if peer in times:
+            row[f"vs_{peer[:-2]}"] = round(times[peer] / ours, 3)
+    return row
+
+
+def sampling_times(sampler: EpisodeSampler, meta_batch: int, repeats: int) -> tuple[float, float]:
+    """Median seconds to draw a meta-batch's indices and to gather its images."""
+    draws, gathers = [], []
+    for step in range(max(repeats, 20)):
+        ids = range(step * meta_batch, (step + 1) * meta_batch)
+        start = time.perf_counter()
+        drawn = sampler.draw(ids)
+        middle = time.perf_counter()
+        sampler.gather(drawn)
+        draws.append(middle - start)
+        gathers.append(time.perf_counter() - middle)
+    return statistics.median(draws), statistics.median(gathers)
+
+
+# -- train.py against the peer -------------------------------------------------------------
+STEP_TIMES = """
+import json, time
+import pytorch_lightning as pl
+
+class StepTimes(pl.Callback):
+    def __init__(self, path):
+        self.path, self.times = path, []
+    def on_train_batch_end(self, trainer, *args):
+        self.times.append(time.perf_counter())
+    def on_train_end(self, trainer, pl_module):
+        with open(self.path, "w") as handle:
+            json.dump(self.times, handle)
+"""
+
+
+def train_rate(args: argparse.Namespace, device: torch.device, overrides: list[str]) -> float:
+    """Steady-state training episodes/s of train.py at omniglot_5w1s_quick (meta-batch 4)."""
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "step_times.py").write_text(STEP_TIMES)
+        times_file = Path(folder, "times.json")
+        command = [
+            sys.executable,
+            str(REPO / "train.py"),
+            "experiment=omniglot_5w1s_quick",
+            f"trainer.max_steps={args.train_steps}",
+            f"trainer.val_check_interval={args.train_steps}",
+            "data.val_episodes=10",
+            "test=false",
+            "logger=none",
+            f"hydra.run.dir={folder}/run",
+            "+callbacks.step_times._target_=step_times.StepTimes",
+            f"+callbacks.step_times.path={times_file}",
+            *(["model.compile=true"] if args.train_compile else []),
+            *([f"trainer.accelerator={device.type}"] if device.type != "cpu" else []),
+            *([f"paths.data_dir={args.data_dir}"] if args.data_dir else []),
+            *overrides,
+        ]
+        environment = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([folder, os.environ.get("PYTHONPATH", "")]),
+            METALEARN_TRUSTED_TARGETS="step_times.",
+        )
+        done = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=REPO)
+        if done.returncode:
+            sys.exit(f"train.py failed ({done.returncode}): {done.stderr[-2000:]}")
+        stamps = json.loads(times_file.read_text())
+    first = len(stamps) // 4
+    return 4 * (len(stamps) - 1 - first) / (stamps[-1] - stamps[first])
+
+
+def train_speed(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """train.py's steady-state episodes/s at omniglot_5w1s_quick, as configured and with a
+    channels-last backbone, and learn2learn's ANIL recipe on the same geometry (5-way
+    1-shot, meta-batch 4, T = 5)."""
+    rates = {
+        "": train_rate(args, device, []),
+        "_channels_last": train_rate(args, device, ["model.backbone.channels_last=true"]),
+    }
+    row: dict[str, Any] = {
+        "what": "train.py experiment=omniglot_5w1s_quick",
+        "compile": args.train_compile,
+        "steps": args.train_steps,
+        **{f"train_episodes_per_s{name}": round(rate, 2) for name, rate in rates.items()},
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    if args.peers and have_l2l():
+        meta_batch = 4
+        sampler = EpisodeSampler(
+            training_images(args.data_dir, args.cache_dir), 5, 1, 15, 0, "train"
+        )
+        batch = to_device(sampler.sample(range(meta_batch)), device)
+        anil = l2l_recipes(batch, 5, device, maml=False)["l2l_anil_s"]
+        seconds = side_by_side({"anil": anil}, max(args.repeats, 10), device)["anil"]
+        row["l2l_anil_episodes_per_s"] = round(meta_batch / seconds, 2)
+        for name, rate in rates.items():
+            row[f"vs_l2l_anil{name}"] = round(rate * seconds / meta_batch, 3)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5, 20, 100])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--meta-batch", type=int, default=16)
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--query-shots", type=int, default=15)
+    parser.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES)
+    parser.add_argument("--meta-batches", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--no-peers", dest="peers", action="store_false")
+    parser.add_argument("--maml-max-steps", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=0)
+    parser.add_argument("--train-compile", action="store_true")
+    parser.add_argument("--only-train", action="store_true")
     parser.add_argument("--data-dir", default=os.environ.get("METALEARN_DATA_DIR"))
     parser.add_argument("--cache-dir", default=os.environ.get("METALEARN_CACHE_DIR", ".cache"))
     args = parser.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-
-    sampler = EpisodeSampler(
-        training_images(args.data_dir, args.cache_dir),
-        args.ways,
-        args.shots,
-        args.query_shots,
-        seed=0,
-        split="train",
-    )
-    steps_drawn = itertools.count()
-
-    def draw() -> None:
-        first = next(steps_drawn) * args.meta_batch
-        sampler.sample(range(first, first + args.meta_batch))
-
-    sample_s = median_seconds(draw, max(args.repeats, 20), torch.device("cpu"))
-    batch = sampler.sample(range(args.meta_batch))
-    batch = batch._replace(
-        **{k: getattr(batch, k).to(device) for k in batch._fields if k != "ways"}
-    )
-
-    for steps in args.steps:
-        model = HyperRepresentation(BACKBONE, inner_steps=steps).to(device).train()
-
-        def bilevel_step(model: HyperRepresentation = model, steps: int = steps) -> None:
-            model.zero_grad(set_to_none=True)
-            loss, _, _ = model.episode_forward(batch, steps)
-            loss.mean().backward()
-
-        images = torch.cat([batch.support, batch.query], dim=1)
-
-        def plain_step(model: HyperRepresentation = model, images: torch.Tensor = images) -> None:
-            model.zero_grad(set_to_none=True)
-            features = model.backbone(images.float().div_(255))
-            features.square().mean().backward()
-
-        bilevel_s = median_seconds(bilevel_step, args.repeats, device)
-        plain_s = median_seconds(plain_step, args.repeats, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            bilevel_step()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            tracker = PeakMemory()
-            with tracker:
-                bilevel_step()
-            peak = tracker.peak
-        print(
-            json.dumps(
-                {
-                    "inner_steps": steps,
-                    "bilevel_s": round(bilevel_s, 5),
-                    "plain_s": round(plain_s, 5),
-                    "ratio": round(bilevel_s / plain_s, 4),
-                    "peak_mem_mb": round(peak / 2**20, 2),
-                    "sample_s": round(sample_s, 6),
-                    "sample_share": round(sample_s / bilevel_s, 4),
-                    "meta_batch": args.meta_batch,
-                    "ways": args.ways,
-                    "shots": args.shots,
-                    "query_shots": args.query_shots,
-                    "device": str(device),
-                    "threads": torch.get_num_threads(),
-                }
-            ),
-            flush=True,
-        )
+    common = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if device.type == "cuda":
+        common["gpu"] = torch.cuda.get_device_name(device)
+    if not args.only_train:
+        images = training_images(args.data_dir, args.cache_dir)
+        for geometry in args.geometries:
+            ways, shots = GEOMETRIES[geometry]
+            sampler = EpisodeSampler(images.to(device), ways, shots, QUERY_SHOTS, 0, "train")
+            for meta_batch in args.meta_batches:
+                draw_s, gather_s = sampling_times(sampler, meta_batch, args.repeats)
+                for steps in args.steps:
+                    row = measure(sampler, meta_batch, steps, args, device, draw_s, gather_s)
+                    head = {"geometry": geometry, "meta_batch": meta_batch, "inner_steps": steps}
+                    print(json.dumps({**head, **row, **common}), flush=True)
+    if args.train_steps:
+        print(json.dumps({**train_speed(args, device), **common}), flush=True)
 
 
 if __name__ == "__main__":

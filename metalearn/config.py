@@ -88,6 +88,7 @@ class EvalSettings:
     disjoint: bool | None = None
     inner_steps: int | list[int] | None = None
     batch_stats: BatchStats | None = None
+    compile: bool | str = False
     episodes: int = 600
     output_file: str = "eval.json"
 

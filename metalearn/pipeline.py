@@ -308,10 +308,17 @@ def _training_wandb_project(ckpt_path: str) -> str | None:
     return None if project is None else str(project)
 
 
-def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> EpisodicModule:
-    """Rebuild the trained LightningModule (its class is recorded in the checkpoint)."""
+def model_from_checkpoint(
+    checkpoint: Mapping[str, Any], compile: bool | str = False
+) -> EpisodicModule:
+    """Rebuild the trained LightningModule (its class is recorded in the checkpoint).
+
+    ``compile`` replaces the training run's ``model.compile``: how a run executes is a
+    setting of the run that evaluates, not of the trained model."""
     target = checkpoint.get("model_target", "metalearn.lightning.HyperRepresentation")
     hyper_parameters = upgrade_hyper_parameters(checkpoint["hyper_parameters"])
+    if "compile" in hyper_parameters or compile:
+        hyper_parameters["compile"] = compile
     model: EpisodicModule = hydra.utils.get_class(target)(**hyper_parameters)
     model.load_state_dict(checkpoint["state_dict"])
     return model
@@ -417,7 +424,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg, EvalSettings)
     ckpt_path = str(cfg.ckpt_path)
     checkpoint = read_checkpoint(ckpt_path)
-    model = model_from_checkpoint(checkpoint)
+    model = model_from_checkpoint(checkpoint, cfg.get("compile", False))
     _set_test_batch_stats(model, cfg.get("batch_stats"))
 
     data_cfg = _evaluation_data_config(cfg, checkpoint)

@@ -13,9 +13,11 @@ import pytorch_lightning as pl
 import torch
 from test_operations import max_difference, parameters, run_tiny
 
+from metalearn.checkpoint import read_checkpoint
 from metalearn.data.episodes import EpisodeSampler
 from metalearn.errors import ConfigError
 from metalearn.lightning import ANIL, MAML, ClassicalJointTraining, HyperRepresentation
+from metalearn.pipeline import model_from_checkpoint
 
 NARROW = {
     "_target_": "metalearn.models.ConvBackbone",
@@ -58,20 +60,33 @@ def twins(cls, **settings):
 def test_the_compiled_meta_step_equals_the_eager_one(batch, settings):
     """Float32 on the CPU: the query loss and every gradient (backbone, inner learning
     rate) within 1e-5 relative, and the same accuracy after each inner step on the same
-    episodes at evaluation."""
+    episodes at evaluation.
+
+    The inner learning rate's gradient is one number, a sum over every episode, step and
+    feature whose terms cancel: float32's own rounding of it, measured against float64,
+    can exceed 1e-5 of the result (2e-5 has been seen). A gradient whose eager float32
+    value is that far from float64 must be within 2 times eager's own error of float64:
+    compiled is then as accurate as eager, which is what 1e-5 asks of the others.
+    """
     torch._dynamo.reset()
     eager, compiled = twins(HyperRepresentation, **settings)
+    exact = HyperRepresentation(NARROW, **settings).double()
+    exact.load_state_dict(eager.state_dict())
     steps = settings["inner_steps"]
     losses = []
-    for model in (eager, compiled):
+    for model in (eager, compiled, exact):
         loss, _, _ = model.episode_forward(batch, steps)
         loss.mean().backward()
-        losses.append(loss.detach())
+        losses.append(loss.detach().double())
     assert relative(losses[1], losses[0]) < 1e-5
-    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+    named = zip(eager.named_parameters(), compiled.parameters(), exact.parameters(), strict=True)
+    for (name, p), q, r in named:
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
-            assert relative(q.grad, p.grad) < 1e-5, name
+            g32, gc, g64 = p.grad.double(), q.grad.double(), r.grad
+            rounding = relative(g32, g64)
+            assert relative(gc, g32) < max(1e-5, 3 * rounding), name
+            assert relative(gc, g64) < max(1e-5, 2 * rounding), name
     if steps == 1:  # one evaluation graph is enough (each costs a compile)
         with torch.no_grad():
             curves = [m.episode_forward(batch, 3, per_step=True)[2] for m in (eager, compiled)]
@@ -145,6 +160,11 @@ def test_a_compiled_run_compiles_each_graph_once_and_says_how_long_it_took(
         < 1e-4
     )
     assert compiled["test/accuracy"] == pytest.approx(eager["test/accuracy"], abs=1e-6)
+    # evaluate.py runs as it is told (compile=false by default), not as training ran.
+    checkpoint = read_checkpoint(tmp_path / "compiled" / last)
+    assert checkpoint["hyper_parameters"]["compile"] is True
+    assert model_from_checkpoint(checkpoint).compile_mode is None
+    assert model_from_checkpoint(checkpoint, compile=True).compile_mode == "default"
 
 
 @pytest.mark.slow

@@ -221,8 +221,12 @@ def reference_batch(sampler: EpisodeSampler, images: torch.Tensor, indices) -> d
     support, query = [], []
     for i in indices:
         classes, s, q = sampler.episode_indices(i)
-        support.append(torch.stack([images[c, p] for c, row in zip(classes, s) for p in row]))
-        query.append(torch.stack([images[c, p] for c, row in zip(classes, q) for p in row]))
+        support.append(
+            torch.stack([images[c, p] for c, row in zip(classes, s, strict=True) for p in row])
+        )
+        query.append(
+            torch.stack([images[c, p] for c, row in zip(classes, q, strict=True) for p in row])
+        )
     return {"support": torch.stack(support), "query": torch.stack(query)}
 
 

@@ -87,3 +87,6 @@ def test_the_channels_last_backbone_computes_the_contiguous_one(norm, support_si
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
     flat = episodes.flatten(0, 1)
     torch.testing.assert_close(b(flat), a(flat), rtol=1e-12, atol=1e-12)
+    if norm == "running":
+        for p, q in zip(a.buffers(), b.buffers(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)

@@ -305,12 +305,14 @@ class TrainEpisodes(IterableDataset):
         """Meta-batches from ``start_step`` on. In the main process the host-side drawing
         of the next meta-batch's indices (:meth:`EpisodeSampler.draw`) runs on a
         background thread while the current step trains; only the gather is left on the
-        critical path. Worker processes (``num_workers > 0``) draw and gather in turn."""
+        critical path. Worker processes (``num_workers > 0``) draw and gather in turn, as
+        does any other episode source (a learn2learn task set draws with the global random
+        generators, which must not change under the training step)."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         step, end = self.start_step + worker, self.end_step
         sampler = self.sampler
-        if info is not None:
+        if info is not None or not isinstance(sampler, EpisodeSampler):
             while end is None or step < end:
                 yield sampler.sample(self.episode_ids(step))
                 step += workers

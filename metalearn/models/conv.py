@@ -241,8 +241,12 @@ class ConvBackbone(nn.Module):
         bn_scale: learn a BatchNorm scale γ as well as the shift β.
         channels_last: run the convolutions in the channels-last memory format (weights
             and activations); the features are the same, in the same order. On the CPU
-            (oneDNN) it makes a training step of the Omniglot network about 1.5x faster
-            (``bench/step_speed.py``, docs/benchmarks.md).
+            (oneDNN) it makes a training step of the Omniglot network faster
+            (``bench/step_speed.py``, docs/benchmarks.md), at a cost in float32 accuracy:
+            PyTorch's channels-last CPU BatchNorm accumulates its statistics with about
+            100 times the rounding error of the contiguous kernel (1e-4 against 1e-6 of a
+            unit output on Omniglot-like activations), enough to flip ReLU kinks that a
+            float64 run does not, so the default stays contiguous.
     """
 
     def __init__(
@@ -255,7 +259,7 @@ class ConvBackbone(nn.Module):
         image_size: int = 28,
         norm: NormMode = "batch",
         bn_scale: bool = False,
-        channels_last: bool = True,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels, self.image_size = in_channels, image_size
