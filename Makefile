@@ -12,10 +12,11 @@ export METALEARN_DATA_DIR ?= $(if $(wildcard ../shared/data/omniglot),$(abspath 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# The tested versions (constraints.txt) within pyproject.toml's ranges.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install metalearn with its dev tools
@@ -23,7 +24,7 @@ install: $(STAMP) ## create .venv and install metalearn with its dev tools
 # learn2learn 0.2.0 must be rebuilt from its sdist on Python 3.11 (scripts/install_l2l.sh);
 # the `l2l` extra holds its ordinary dependencies.
 $(L2L_STAMP): $(STAMP) scripts/install_l2l.sh
-	$(PY) -m pip install --quiet -e '.[dev,l2l]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,l2l]'
 	bash scripts/install_l2l.sh $(PY)
 	touch $(L2L_STAMP)
 
