@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,8 @@ __all__ = [
     "upgrade_hyper_parameters",
     "load_representation",
     "check_resumable",
+    "learner_class",
+    "learner_defaults",
     "config_differences",
     "find_last_checkpoint",
     "run_differences",
@@ -153,6 +156,9 @@ def load_representation(checkpoint_path: str | Path) -> Representation:
 
 #: Model settings that change the parameters' shapes or meaning: a checkpoint whose values
 #: differ cannot be resumed with the current config.
+#: Hydra's instantiation keys: how a config is built, not a setting of the run.
+HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_")
+
 STRUCTURAL_KEYS = ("backbone", "learn_inner_lr", "inner_lr_param")
 
 
@@ -184,27 +190,71 @@ def config_differences(
     return differences
 
 
+#: Modules that held the learners before each got its own file; checkpoints written then
+#: name them (``metalearn.lightning.module.HyperRepresentation``).
+_LEGACY_LEARNER_MODULES = ("metalearn.lightning.module.", "metalearn.lightning.baselines.")
+
+
+def learner_class(checkpoint: Mapping[str, Any]) -> type:
+    """The LightningModule class a checkpoint was trained with (``model_target``; the
+    hyper-representation for checkpoints that predate it)."""
+    target = str(checkpoint.get("model_target", "metalearn.lightning.HyperRepresentation"))
+    if target.startswith(_LEGACY_LEARNER_MODULES):
+        target = "metalearn.lightning." + target.rsplit(".", 1)[1]
+    return hydra.utils.get_class(target)
+
+
+def learner_defaults(cls: type) -> dict[str, Any]:
+    """The constructor defaults of a learner class and of its bases: the value of every
+    setting a config, or a checkpoint written before the setting existed, leaves out."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for name, parameter in inspect.signature(init).parameters.items():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults[name] = parameter.default
+    return defaults
+
+
+def _trained_and_configured(
+    checkpoint: Mapping[str, Any], model_config: Mapping[str, Any]
+) -> tuple[type, type, dict[str, Any], dict[str, Any]]:
+    """The checkpoint's and the config's learner classes and settings, each completed with
+    its class's defaults."""
+    trained_class = learner_class(checkpoint)
+    target = model_config.get("_target_")
+    configured_class = trained_class if target is None else _class_of(target)
+    trained = {**learner_defaults(trained_class), **checkpoint["hyper_parameters"]}
+    configured = dict(model_config)
+    if isinstance(configured_class, type):
+        configured = {**learner_defaults(configured_class), **configured}
+    return trained_class, configured_class, trained, configured
+
+
 def check_resumable(checkpoint: Mapping[str, Any], model_config: Mapping[str, Any]) -> list[str]:
     """Raise :class:`ConfigError` when the checkpoint's model differs structurally from
     ``model_config``; return the other differences (worth a warning)."""
-    trained = checkpoint["hyper_parameters"]
-    target = checkpoint.get("model_target", "metalearn.lightning.HyperRepresentation")
-    configured = model_config.get("_target_", target)
-    if hydra.utils.get_class(configured) is not hydra.utils.get_class(target):
+    trained_class, configured_class, trained, configured = _trained_and_configured(
+        checkpoint, model_config
+    )
+    if configured_class is not trained_class:
         raise ConfigError(
-            f"the checkpoint holds a {target}, the config a {model_config['_target_']}: "
+            f"the checkpoint holds a {trained_class.__name__}, the config a "
+            f"{model_config['_target_']}: "
             f"choose the model (or algorithm) the checkpoint was trained with"
         )
-    structural = config_differences(trained, model_config, STRUCTURAL_KEYS)
-    stats = (trained.get("batch_stats"), model_config.get("batch_stats"))
+    structural = config_differences(trained, configured, STRUCTURAL_KEYS)
+    stats = (trained.get("batch_stats"), configured.get("batch_stats"))
     if stats[0] != stats[1] and "running" in stats:  # running averages are buffers
         structural.append(f"model.batch_stats: checkpoint {stats[0]!r}, config {stats[1]!r}")
     if structural:
         raise ConfigError(
             "the checkpoint was trained with a different model config: " + "; ".join(structural)
         )
-    others = [k for k in trained if k not in STRUCTURAL_KEYS and k in model_config]
-    return config_differences(trained, model_config, others)
+    others = [k for k in trained if k not in STRUCTURAL_KEYS and k in configured]
+    return config_differences(trained, configured, others)
 
 
 #: Data settings of the machine, not of the run: never compared when resuming.
@@ -238,9 +288,16 @@ def run_differences(
     """Every model and data setting in which the run that wrote ``checkpoint`` differs
     from the given (resolved) ``model`` and ``data`` configs, as
     ``"data.shots: checkpoint 1, config 5"``; machine paths are not compared."""
-    trained = checkpoint["hyper_parameters"]
-    model_keys = sorted({*trained, *model_config} - {"_target_", "_recursive_", "_partial_"})
-    differences = config_differences(trained, model_config, model_keys, "model")
+    trained_class, configured_class, trained, configured = _trained_and_configured(
+        checkpoint, model_config
+    )
+    differences = []
+    if configured_class is not trained_class:
+        differences.append(
+            f"model: checkpoint {trained_class.__name__}, config {model_config['_target_']}"
+        )
+    model_keys = sorted({*trained, *configured} - set(HYDRA_KEYS))
+    differences += config_differences(trained, configured, model_keys, "model")
     data_target = datamodule_target(checkpoint)
     configured = data_config.get("_target_", data_target)
     if data_target is not None and _class_of(data_target) is not _class_of(configured):

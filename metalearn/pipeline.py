@@ -20,6 +20,7 @@ from metalearn.checkpoint import (
     check_resumable,
     datamodule_target,
     find_last_checkpoint,
+    learner_class,
     read_checkpoint,
     run_differences,
     upgrade_hyper_parameters,
@@ -37,7 +38,7 @@ from metalearn.data.datamodule import EpisodicDataModule
 from metalearn.data.episodes import check_episode_geometry
 from metalearn.errors import ConfigError
 from metalearn.lightning import MAML, EpisodicModule, TrainingDiverged
-from metalearn.lightning.baselines import MAML_BATCH_STATS
+from metalearn.lightning.maml import MAML_BATCH_STATS
 from metalearn.models import BATCH_STATS, BatchStats
 from metalearn.reports import (
     format_result,
@@ -315,11 +316,10 @@ def model_from_checkpoint(
 
     ``compile`` replaces the training run's ``model.compile``: how a run executes is a
     setting of the run that evaluates, not of the trained model."""
-    target = checkpoint.get("model_target", "metalearn.lightning.HyperRepresentation")
     hyper_parameters = upgrade_hyper_parameters(checkpoint["hyper_parameters"])
     if "compile" in hyper_parameters or compile:
         hyper_parameters["compile"] = compile
-    model: EpisodicModule = hydra.utils.get_class(target)(**hyper_parameters)
+    model: EpisodicModule = learner_class(checkpoint)(**hyper_parameters)
     model.load_state_dict(checkpoint["state_dict"])
     return model
 

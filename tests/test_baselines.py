@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compose_config
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from metalearn.bilevel import fit_linear_heads
 from metalearn.bilevel.maml import gradient_descent, maml_episodes
-from metalearn.checkpoint import read_checkpoint
+from metalearn.checkpoint import check_resumable, learner_class, read_checkpoint, run_differences
 from metalearn.data.episodes import EpisodeBatch, EpisodeSampler
 from metalearn.errors import ConfigError
 from metalearn.lightning import (
@@ -21,7 +22,7 @@ from metalearn.lightning import (
     HyperRepresentation,
     PrototypicalNetwork,
 )
-from metalearn.lightning.baselines import prototype_logits
+from metalearn.lightning.protonet import prototype_logits
 from metalearn.pipeline import evaluate, model_from_checkpoint, train
 
 ALGORITHMS = {
@@ -389,3 +390,78 @@ def test_protonet_learns_on_real_omniglot(tmp_path, data_dir, real_cache_dir):
     )
     metrics = train(cfg)
     assert metrics["val/acc_best"] >= 0.6, metrics
+
+
+@pytest.mark.parametrize(
+    "recorded, expected",
+    [
+        ("metalearn.lightning.module.HyperRepresentation", HyperRepresentation),
+        ("metalearn.lightning.baselines.ANIL", ANIL),
+        ("metalearn.lightning.baselines.MAML", MAML),
+        ("metalearn.lightning.baselines.PrototypicalNetwork", PrototypicalNetwork),
+        ("metalearn.lightning.baselines.ClassicalJointTraining", ClassicalJointTraining),
+        ("metalearn.lightning.ANIL", ANIL),
+        (None, HyperRepresentation),
+    ],
+    ids=str,
+)
+def test_a_checkpoint_names_its_learner_by_the_public_path(recorded, expected):
+    """Checkpoints record ``metalearn.lightning.<Name>``, whichever file holds the class;
+    those written when the learners lived in ``module.py`` / ``baselines.py`` (and before
+    ``model_target`` existed) still resolve."""
+    checkpoint = {} if recorded is None else {"model_target": recorded}
+    assert learner_class(checkpoint) is expected
+    saved: dict = {}
+    settings = {"pool_episodes": 2} if expected is ClassicalJointTraining else {}
+    model = expected(TINY_CONV, **settings)
+    model.on_save_checkpoint(saved)
+    assert saved["model_target"] == f"metalearn.lightning.{expected.__name__}"
+
+
+def test_a_learner_given_omegaconf_containers_says_to_convert_them():
+    """Hyperparameters go into checkpoints that load with weights_only: an OmegaConf
+    container there is refused with the setting that fixes it (``_convert_: all``)."""
+    with pytest.raises(ConfigError, match=r"model.backbone is an OmegaConf DictConfig.*_convert_"):
+        HyperRepresentation(OmegaConf.create(TINY_CONV))
+
+
+@pytest.mark.parametrize("learner", [HyperRepresentation, ANIL], ids=lambda c: c.__name__)
+def test_a_setting_a_checkpoint_predates_takes_the_learners_default(learner, tmp_path):
+    """A checkpoint written before ``head_init`` / ``inner_lr_param`` existed resumes with
+    a config that states their defaults, and still differs where a setting really does."""
+    model = learner(TINY_CONV, ways=3) if learner is ANIL else learner(TINY_CONV)
+    saved: dict = {}
+    model.on_save_checkpoint(saved)
+    hyper_parameters = dict(model.hparams)
+    for key in ("head_init", "inner_lr_param", "truncate"):
+        hyper_parameters.pop(key, None)
+    checkpoint = {**saved, "hyper_parameters": hyper_parameters}
+    config = {
+        "_target_": f"metalearn.lightning.{learner.__name__}",
+        "_recursive_": False,
+        "_convert_": "all",
+        **dict(model.hparams),
+    }
+    assert check_resumable(checkpoint, config) == []
+    assert run_differences(checkpoint, config, {}) == []
+    other = "zero" if learner is ANIL else "learned"
+    config["head_init"], config["ways"] = other, 3
+    differences = run_differences(checkpoint, config, {})
+    assert any(d.startswith("model.head_init: checkpoint") for d in differences)
+    config["_target_"] = "metalearn.lightning.PrototypicalNetwork"
+    with pytest.raises(ConfigError, match="the checkpoint holds a"):
+        check_resumable(checkpoint, config)
+    assert run_differences(checkpoint, config, {})[0].startswith("model: checkpoint")
+
+
+@pytest.mark.parametrize("learner", list(ALGORITHMS.values()), ids=lambda c: c.__name__)
+def test_what_loggers_log_is_what_checkpoints_hold(learner):
+    """The logged hyperparameters (``hparams_initial``) equal the checkpoint's, with the
+    default optimizer filled in and no setting the learner does not use (a zero head has
+    no ``ways``, which would contradict the data module's)."""
+    settings = {"pool_episodes": 2} if learner is ClassicalJointTraining else {}
+    model = learner(TINY_CONV, **settings)
+    assert dict(model.hparams_initial) == dict(model.hparams)
+    assert model.hparams["optimizer"]["_target_"] == "torch.optim.Adam"
+    if learner is HyperRepresentation:
+        assert "ways" not in model.hparams

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import hydra.utils
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -36,7 +37,6 @@ __all__ = [
     "Nonfinite",
     "InverseTimeDecay",
     "TrainingDiverged",
-    "plain",
 ]
 
 
@@ -63,11 +63,18 @@ class InverseTimeDecay:
         return 1.0 / (1.0 + self.decay * step)
 
 
-def plain(config: Any) -> Any:
-    """A DictConfig as plain containers (checkpoints then load with ``weights_only``)."""
-    return (
-        OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
-    )
+def model_target(cls: type) -> str:
+    """The import path a checkpoint records for a learner: ``metalearn.lightning.<Name>``
+    for the package's own (whichever file holds them), else the class's module path."""
+    import metalearn.lightning
+
+    if getattr(metalearn.lightning, cls.__qualname__, None) is cls:
+        return f"metalearn.lightning.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+#: The outer optimizer when none is given: Adam 1e-3 (the paper's).
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 
 
 def check_compile(compile: Any, unsupported: str | None = None) -> str | None:
@@ -134,17 +141,25 @@ class EpisodicModule(pl.LightningModule):
         compile: bool | str = False,
     ) -> None:
         super().__init__()
+        # Every constructor argument of the subclasses' __init__ chain (Lightning collects
+        # them from the frames). They go into checkpoints, which load with weights_only:
+        # plain containers only (the model configs set ``_convert_: all``).
+        self.save_hyperparameters()
+        containers = [k for k, v in self.hparams.items() if isinstance(v, (DictConfig, ListConfig))]
+        if containers:
+            kind = type(self.hparams[containers[0]]).__name__
+            raise ConfigError(
+                f"model.{containers[0]} is an OmegaConf {kind}: instantiate the model with "
+                f"_convert_: all (as conf/model/*.yaml do) or pass plain dicts and lists"
+            )
         if nonfinite not in ("raise", "skip"):
             raise ConfigError(f"model.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.compile_mode = check_compile(compile, self.compile_unsupported)
         check_batch_stats(batch_stats)
-        self.backbone: nn.Module = build_backbone(plain(backbone), batch_stats)
+        self.backbone: nn.Module = build_backbone(backbone, batch_stats)
         self.batch_stats, self.nonfinite = batch_stats, nonfinite
-        self.optimizer_config = plain(optimizer) or {
-            "_target_": "torch.optim.Adam",
-            "_partial_": True,
-            "lr": 1e-3,
-        }
+        self.optimizer_config = dict(optimizer or DEFAULT_OPTIMIZER)
+        self.amend_hparams(optimizer=self.optimizer_config)
         self.lr_decay = lr_decay
         self.val_acc_best = 0.0
         self.skipped_batches = 0
@@ -158,6 +173,14 @@ class EpisodicModule(pl.LightningModule):
         #: query accuracy and its CI after t = 0..T inner steps (accuracy_per_step,
         #: ci95_per_step). Set in the process that evaluated (see the pipeline for spawn).
         self.last_eval: dict[str, Any] = {}
+
+    def amend_hparams(self, drop: Sequence[str] = (), **values: Any) -> None:
+        """Set ``values`` and remove ``drop`` in the saved hyperparameters, and in the copy
+        of them that loggers log (Lightning's ``hparams_initial``)."""
+        for key in drop:
+            self.hparams.pop(key, None)
+        self.hparams.update(values)
+        self._hparams_initial = copy.deepcopy(self._hparams)
 
     # -- to implement -------------------------------------------------------------------
     def episode_logits(
@@ -364,6 +387,22 @@ class EpisodicModule(pl.LightningModule):
             f"{chance:.3g}): training is diverging; {self.divergence_advice()}"
         )
 
+    #: T of a training step (0: a learner without an inner loop).
+    inner_steps: int = 0
+
+    def training_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
+        """Per-episode training loss and query accuracy of a meta-batch, (B,) each."""
+        loss, accuracy, _ = self.episode_forward(batch, self.inner_steps)
+        return loss, accuracy
+
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
+        loss, accuracy = self.training_loss(batch)
+        loss = loss.mean()
+        if not self.check_finite(loss, batch):
+            return loss  # every rank runs backward; the update is skipped
+        self.log_train(loss, accuracy)
+        return loss
+
     def log_train(self, loss: Tensor, accuracy: Tensor) -> None:
         """Log ``train/loss``, ``train/acc`` (progress bar) and the optimizer's rate."""
         size = len(accuracy)
@@ -385,7 +424,11 @@ class EpisodicModule(pl.LightningModule):
             )
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
+        return self.optimizer_and_schedule([p for p in self.parameters() if p.requires_grad])
+
+    def optimizer_and_schedule(self, params: Any) -> Any:
+        """The outer optimizer over ``params`` (tensors or parameter groups) with the
+        inverse-time decay of its learning rate per step."""
         optimizer = hydra.utils.instantiate(self.optimizer_config)(params=params)
         if not self.lr_decay:
             return optimizer
@@ -474,7 +517,7 @@ class EpisodicModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["val_acc_best"] = self.val_acc_best
         checkpoint["skipped_batches"] = self.skipped_batches
-        checkpoint["model_target"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["model_target"] = model_target(type(self))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_acc_best = float(checkpoint.get("val_acc_best", 0.0))
