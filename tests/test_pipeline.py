@@ -65,12 +65,10 @@ def trained_run(tmp_path_factory, data_dir, real_cache_dir):
 
 
 def test_accuracy_guard(trained_run):
-    """Chance is 20%; the paper split's test characters are never seen in training. Five
-    seeds of this run reached 91.05-91.60% on the 600 test episodes (CI ± 0.57) and
-    89.93-90.99% best validation; first-order hypergradients at the same budget 89.88% /
-    89.08%, 5-way training episodes 83.51% / 83.35% (bench/results/guard.jsonl). The bounds
-    sit 0.55 points below the lowest seed (about 2.4 standard deviations of the seeds) and
-    above both regressions."""
+    """Chance is 20%; the paper split's test characters are never seen in training.
+    Bounds: 0.55 points below the lowest of five measured seeds, and above the first-order
+    hypergradient and the 5-way-training-episode runs at the same budget (measurements:
+    docs/benchmarks.md and docs/reproducing.md, "Accuracy guard")."""
     out, metrics = trained_run
     assert metrics["test/accuracy"] >= 0.905, metrics
     assert metrics["val/acc_best"] >= 0.895, metrics
