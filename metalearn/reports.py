@@ -9,12 +9,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from metalearn.utils.files import save_figure, write_text
 
 __all__ = [
     "mean_ci95",
+    "mean_ci95_of_sums",
+    "moment_sums",
     "format_result",
     "protocol_label",
     "write_json",
@@ -24,11 +27,29 @@ __all__ = [
 ]
 
 
+def moment_sums(values: Tensor) -> Tensor:
+    """``(3, *columns)`` float64: the count, sum and sum of squares of ``values`` over their
+    first dimension (one row per episode). Summed over ranks, they give the mean and CI of
+    all episodes (:func:`mean_ci95_of_sums`)."""
+    values = values.double()
+    count = values.new_full(values.shape[1:], values.shape[0])
+    return torch.stack([count, values.sum(0), (values * values).sum(0)])
+
+
+def mean_ci95_of_sums(sums: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)`` (``std`` unbiased; 0
+    for one value) from :func:`moment_sums`."""
+    count, total, squares = sums.double()
+    mean = total / count
+    variance = ((squares - count * mean * mean) / (count - 1).clamp_min(1)).clamp_min(0)
+    variance = torch.where(count > 1, variance, torch.zeros_like(variance))
+    return mean, 1.96 * variance.sqrt() / count.sqrt()
+
+
 def mean_ci95(values: Tensor) -> tuple[float, float]:
     """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)`` of per-episode values."""
-    values = values.double().flatten()
-    std = values.std(unbiased=True).item() if values.numel() > 1 else 0.0
-    return values.mean().item(), 1.96 * std / math.sqrt(values.numel())
+    mean, ci95 = mean_ci95_of_sums(moment_sums(values.flatten()))
+    return float(mean), float(ci95)
 
 
 def format_result(result: Mapping[str, Any]) -> str:

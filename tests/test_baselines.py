@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from metalearn.bilevel import fit_linear_heads
 from metalearn.bilevel.maml import gradient_descent, maml_episodes
 from metalearn.checkpoint import check_resumable, learner_class, read_checkpoint, run_differences
-from metalearn.data.episodes import EpisodeBatch, EpisodeSampler
+from metalearn.data.episodes import EpisodeBatch, EpisodeSampler, FixedEpisodes
 from metalearn.errors import ConfigError
 from metalearn.lightning import (
     ANIL,
@@ -465,3 +465,18 @@ def test_what_loggers_log_is_what_checkpoints_hold(learner):
     assert model.hparams["optimizer"]["_target_"] == "torch.optim.Adam"
     if learner is HyperRepresentation:
         assert "ways" not in model.hparams
+
+
+def test_a_ranks_padding_episode_counts_nowhere():
+    """A rank left without evaluation episodes evaluates one padding episode (id -1) so
+    that it takes part in the reduction; it adds no row to what is reduced."""
+    images = torch.randint(0, 256, (6, 5, 1, 8, 8), dtype=torch.uint8)
+    sampler = EpisodeSampler(images, ways=3, shots=1, query_shots=2, seed=0, split="val")
+    padding = FixedEpisodes(sampler, episodes=1, meta_batch=4, rank=1, world_size=2)
+    real = FixedEpisodes(sampler, episodes=1, meta_batch=4, rank=0, world_size=2)
+    assert len(padding) == 1 and padding[0].episode_ids.tolist() == [-1]
+    model = HyperRepresentation(TINY_CONV)
+    model._eval_step(padding[0])
+    model._eval_step(real[0])
+    rows = torch.cat(model._episode_rows)
+    assert rows.shape == (1, model.eval_steps + 2)

@@ -119,6 +119,9 @@ def test_detector_metrics() -> None:
     assert tied["detector/auc"] == 0.5 and tied["detector/f1"] == 0.0
     perfect = detector_metrics(torch.tensor([0.0, 1.0, 1.0, 0.2]), corrupted, threshold=0.5)
     assert perfect["detector/f1"] == 1.0 and perfect["detector/auc"] == 1.0
+    clean = detector_metrics(weights, torch.zeros(4, dtype=torch.bool), threshold=0.5)
+    assert math.isnan(clean["detector/auc"]) and clean["detector/recall"] == 0.0
+    assert clean["detector/precision"] == 0.0 and clean["detector/flagged"] == 2
 
 
 def test_make_hyper_cleaning_data() -> None:

@@ -137,6 +137,10 @@ def test_two_ranks_match_one_process(tmp_path, data_dir, real_cache_dir):
     assert metrics["test/accuracy"] == pytest.approx(single_metrics["test/accuracy"], abs=1e-6)
     report = json.loads((tmp_path / "two" / "eval.json").read_text())
     assert report["episodes"] == 5
+    single = json.loads((tmp_path / "one" / "eval.json").read_text())
+    assert report["ci95"] == pytest.approx(single["ci95"], abs=1e-6)
+    assert report["ci95_per_step"] == pytest.approx(single["ci95_per_step"], abs=1e-6)
+    assert report["accuracy_per_step"] == pytest.approx(single["accuracy_per_step"], abs=1e-6)
 
 
 def test_two_ranks_match_one_process_in_float32_to_float32_rounding(

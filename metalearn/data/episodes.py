@@ -333,7 +333,7 @@ class FixedEpisodes(Dataset):
     With ``world_size`` ranks, rank r evaluates episodes r, r + world_size, ... (no
     episode is counted twice; ranks may differ by one episode). A rank left without
     episodes (fewer episodes than ranks) gets one padding episode with id -1, which the
-    evaluation drops: every rank then takes part in gathering the results.
+    evaluation drops: every rank then takes part in reducing the results.
     """
 
     def __init__(

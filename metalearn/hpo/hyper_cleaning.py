@@ -29,6 +29,7 @@ step about 7x larger than on raw pixels (the default 0.5 < 2 / 3.1).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -40,6 +41,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
+)
 
 from metalearn.bilevel import BilevelProblem, GradientDescent, Tensors, hypergradient, unroll
 from metalearn.data.sets.mnist import MnistSet, load_mnist
@@ -235,36 +242,23 @@ def evaluate_classifier(w: Tensors, x: Tensor, y: Tensor) -> tuple[float, float]
         return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 
 
-def _roc_auc(scores: Tensor, positives: Tensor) -> float:
-    """Area under the ROC curve of ``scores`` for the boolean ``positives`` (ties count ½)."""
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    values, inverse = torch.unique(scores.double(), return_inverse=True)
-    counts = torch.bincount(inverse, minlength=len(values)).double()
-    # Average rank (1-based) of each distinct value, shared by its ties.
-    ends = counts.cumsum(0)
-    average_rank = ends - (counts - 1) / 2
-    rank_sum = float(average_rank[inverse][positives].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
 def detector_metrics(weights: Tensor, corrupted: Tensor, threshold: float) -> dict[str, float]:
     """Precision, recall and F1 of "weight < threshold" as a detector of corrupted labels.
 
     Also the threshold-free ROC AUC of ``-weight`` as the score, and the mean weights of
     the clean and of the corrupted examples.
     """
-    flagged = weights < threshold
-    hits = int((flagged & corrupted).sum())
-    precision = hits / int(flagged.sum()) if int(flagged.sum()) else 0.0
-    recall = hits / int(corrupted.sum()) if int(corrupted.sum()) else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    flagged = (weights < threshold).long()
+    target = corrupted.long()
+    # ROC AUC is undefined with one class only (torchmetrics would warn and give 0).
+    both_classes = bool(corrupted.any()) and not bool(corrupted.all())
     return {
-        "detector/precision": precision,
-        "detector/recall": recall,
-        "detector/f1": f1,
-        "detector/auc": _roc_auc(-weights, corrupted),
+        "detector/precision": float(binary_precision(flagged, target)),
+        "detector/recall": float(binary_recall(flagged, target)),
+        "detector/f1": float(binary_f1_score(flagged, target)),
+        "detector/auc": float(binary_auroc(-weights.double(), target))
+        if both_classes
+        else math.nan,
         "detector/flagged": float(flagged.sum()),
         "weights/mean_clean": float(weights[~corrupted].mean()) if (~corrupted).any() else 0.0,
         "weights/mean_corrupted": float(weights[corrupted].mean()) if corrupted.any() else 0.0,

@@ -27,7 +27,7 @@ from metalearn.models.normalization import (
     embed_episodes,
     protocol_of,
 )
-from metalearn.reports import mean_ci95
+from metalearn.reports import mean_ci95_of_sums, moment_sums
 from metalearn.utils.divergence import DIVERGENCE_FACTOR, diverging
 
 __all__ = [
@@ -168,7 +168,6 @@ class EpisodicModule(pl.LightningModule):
         self._compiled: Callable[..., Any] | None = None
         self._compiled_graphs: set[tuple[Any, ...]] = set()
         self._episode_rows: list[Tensor] = []
-        self._episode_ids: list[Tensor] = []
         #: The last validation / test result: accuracy, ci95, episodes, loss, and the mean
         #: query accuracy and its CI after t = 0..T inner steps (accuracy_per_step,
         #: ci95_per_step). Set in the process that evaluated (see the pipeline for spawn).
@@ -443,44 +442,26 @@ class EpisodicModule(pl.LightningModule):
         with torch.no_grad():
             loss, _, curve = self.episode_forward(batch, self.eval_steps, per_step=True)
         assert curve is not None
-        # Row layout: accuracy after t = 0..T steps, then the query loss.
-        self._episode_rows.append(torch.cat([curve, loss[:, None]], dim=1))
-        self._episode_ids.append(batch.episode_ids.to(loss.device))
-
-    def _gather_episodes(self) -> tuple[Tensor, Tensor]:
-        """Per-episode rows of all ranks, each episode once, ordered by episode id.
-
-        Ranks may hold different numbers of episodes (evaluation episodes are split
-        without padding; a rank with none evaluates one padding episode of id -1), so rows
-        are padded to a common length for ``all_gather`` and the padding (id -1) dropped
-        afterwards.
-        """
-        rows, ids = torch.cat(self._episode_rows), torch.cat(self._episode_ids)
-        self._episode_rows.clear()
-        self._episode_ids.clear()
-        if self.trainer.world_size > 1:
-            count = torch.tensor([len(ids)], device=ids.device)
-            longest = int(self.trainer.strategy.reduce(count, reduce_op="max").item())
-            pad = longest - len(ids)
-            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-            ids = torch.cat([ids, ids.new_full((pad,), -1)])
-            rows = self.all_gather(rows).flatten(0, -2)  # type: ignore[union-attr]
-            ids = self.all_gather(ids).flatten()  # type: ignore[union-attr]
-        keep = ids >= 0
-        rows, ids = rows[keep], ids[keep]
-        order = torch.argsort(ids)
-        return rows[order], ids[order]
+        # Row layout: accuracy after t = 0..T steps, then the query loss. A rank's padding
+        # episode (id -1, see FixedEpisodes) counts nowhere.
+        real = (batch.episode_ids >= 0).to(loss.device)
+        self._episode_rows.append(torch.cat([curve, loss[:, None]], dim=1)[real])
 
     def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
-        rows, _ = self._gather_episodes()
-        curve, loss = rows[:, :-1], rows[:, -1]
-        stats = [mean_ci95(curve[:, t]) for t in range(curve.shape[1])]
+        # The count, sum and sum of squares of every column over this rank's episodes,
+        # summed over the ranks (evaluation episodes are split without repeats).
+        sums = moment_sums(torch.cat(self._episode_rows))
+        self._episode_rows.clear()
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means, ci95s = mean_ci95_of_sums(sums)
+        stats = list(zip(means[:-1].tolist(), ci95s[:-1].tolist(), strict=True))
         mean, ci95 = stats[-1]
         result: dict[str, Any] = {
             "accuracy": mean,
             "ci95": ci95,
-            "episodes": int(curve.shape[0]),
-            "loss": float(loss.double().mean()),
+            "episodes": int(sums[0, 0]),
+            "loss": float(means[-1]),
             "accuracy_per_step": [m for m, _ in stats],
             "ci95_per_step": [c for _, c in stats],
         }
@@ -502,7 +483,6 @@ class EpisodicModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             self._episode_rows.clear()
-            self._episode_ids.clear()
             return
         result = self._eval_epoch_end("val")
         self.val_acc_best = max(self.val_acc_best, result["accuracy"])
