@@ -389,3 +389,29 @@ def test_a_full_disk_is_one_line_naming_the_file(
         and str(tmp_path / "run" / "checkpoints") in line
     )
     assert not [p for p in (tmp_path / "run").rglob("*.ckpt*")]  # no partial file behind
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["experiment=omniglot_5w1s,nope"], "unknown experiment 'nope'; available: cifar_fs_5w1s"),
+        (["algorithm=choice(maml,nope)"], "unknown algorithm 'nope'; available: anil, classical"),
+        (["+model/backbone=resnet13"], "unknown model/backbone 'resnet13'; available: conv4_"),
+        (["hydra/launcher=nope"], "unknown hydra/launcher 'nope'; available: basic,"),
+        (["experiment=shared"], "unknown experiment 'shared'"),  # a folder of parts
+        # Hydra's own options: its plugins' launchers, sweeps it expands, null and deletions.
+        (["hydra/launcher=submitit_slurm", "model=glob(*)", "algorithm=null", "~logger"], None),
+        (["experiment=omniglot_5w1s,omniglot_20w1s", "seed=range(1,3)", "data.ways=5"], None),
+    ],
+)
+def test_an_unknown_group_option_is_one_line_with_hydras_options(overrides, message, capsys):
+    from metalearn.utils.console import check_group_choices
+
+    if message is None:
+        check_group_choices(Path(__file__).parents[1] / "conf", overrides)
+        assert capsys.readouterr().err == ""
+        return
+    with pytest.raises(SystemExit) as exit:
+        check_group_choices(Path(__file__).parents[1] / "conf", overrides)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and message in err, err

@@ -99,41 +99,57 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-#: Config groups provided by Hydra or its plugins rather than by files under conf/.
-_BUILTIN_CHOICES = {"hydra/launcher": {"basic", "submitit_local", "submitit_slurm"}}
-
-
 def check_group_choices(
     conf_dir: str | Path, overrides: list[str], fixed: dict[str, str] | None = None
 ) -> None:
     """Exit with one line listing the choices when a command-line override names an
     unknown option of a config group (``experiment=foo``, ``data=bar``, ``model=...``).
 
-    Hydra's own message for this is several lines of its internals; this check runs
-    before Hydra composes anything. Sweeps (``experiment=a,b``) are checked value by value;
-    ``null`` and sweep functions (``choice(...)``) are left to Hydra. ``fixed`` maps the
-    groups this entry point does not let a user choose to the message that says why.
+    The options and the parsing are Hydra's own (its config loader's group listing, its
+    override parser); this only turns Hydra's several-line report into one line, before
+    Hydra composes anything. Sweeps (``experiment=a,b``, ``choice(a,b)``) are checked value
+    by value; ``null``, deletions and other sweep functions are left to Hydra. ``fixed``
+    maps the groups this entry point does not let a user choose to the message that says
+    why.
     """
-    root = Path(conf_dir)
-    for override in overrides:
-        if "=" not in override or override.startswith(("~", "-")):
-            continue
-        key, value = override.split("=", 1)
-        group = key.lstrip("+")
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # a syntax error: Hydra reports it with its position
+    for override in parsed:
+        group = override.key_or_group
         if fixed and group in fixed:
-            print(f"error: {group}={value}: {fixed[group]}", file=sys.stderr)
+            print(f"error: {override.input_line}: {fixed[group]}", file=sys.stderr)
             raise SystemExit(2)
-        folder = root / group
-        known = {p.stem for p in folder.glob("*.yaml")} | _BUILTIN_CHOICES.get(group, set())
-        if not folder.is_dir() or "(" in value:
-            continue
-        for choice in value.split(","):
-            if choice and choice != "null" and choice not in known:
-                print(
-                    f"error: unknown {group} '{choice}'; available: {', '.join(sorted(known))}",
-                    file=sys.stderr,
-                )
-                raise SystemExit(2)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for override in parsed:
+            listed = override.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP)
+            if override.is_delete() or (override.is_sweep_override() and not listed):
+                continue
+            known = loader.get_group_options(override.key_or_group)
+            if not known:
+                continue  # not a config group (data.ways=5)
+            choices = (
+                list(override.sweep_string_iterator())
+                if override.is_sweep_override()
+                else [override.value()]
+            )
+            for choice in choices:
+                if choice is not None and choice != "null" and choice not in known:
+                    print(
+                        f"error: unknown {override.key_or_group} '{choice}'; "
+                        f"available: {', '.join(sorted(known))}",
+                        file=sys.stderr,
+                    )
+                    raise SystemExit(2)
 
 
 #: The settings that place a run's folder, checked before Hydra creates it.
