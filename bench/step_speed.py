@@ -33,13 +33,18 @@ of each), so their ratios do not depend on how busy the machine was.
                           faster); the peers run the default (contiguous) backbone
 
 With --train-steps N it also runs `train.py experiment=omniglot_5w1s_quick` for N steps, as
-configured and with model.backbone.channels_last=true, and prints the steady-state training
-episodes/s of each (the Lightning loop, logging and sampling included; the first quarter of
-the steps dropped) next to learn2learn's ANIL recipe at that geometry.
+configured and with model.backbone.channels_last=true (--train-bf16: also with
+trainer.precision=bf16-mixed, with and without channels-last; --train-compile: all with
+model.compile=true), and prints the steady-state training episodes/s of each (the
+Lightning loop, logging and sampling included; the first quarter of the steps dropped)
+next to learn2learn's ANIL recipe at that geometry, as learn2learn writes it
+(vs_l2l_anil*) and given the same precision and layout (vs_same_l2l_anil*). Each setting
+runs --train-repeats times (default 3), round robin; the median is printed.
 
 Usage: python bench/step_speed.py [--steps 1 5 20 100] [--geometries 5w1s 20w1s 5w5s]
            [--meta-batches 4 16] [--repeats 5] [--device cpu] [--no-compile]
-           [--train-steps 300]
+           [--train-steps 300] [--train-bf16] [--train-compile]
+           [--train-repeats 3]
 Images come from the real Omniglot when METALEARN_DATA_DIR (or --data-dir) holds it, else
 from random uint8 images of the same shape (timings do not depend on pixel values).
 """
@@ -164,9 +169,19 @@ def peak_bytes(step: Callable[[], Any], device: torch.device) -> int:
 
 # -- learn2learn's recipes ---------------------------------------------------------------
 def l2l_recipes(
-    batch: EpisodeBatch, steps: int, device: torch.device, maml: bool
+    batch: EpisodeBatch,
+    steps: int,
+    device: torch.device,
+    maml: bool,
+    bf16: bool = False,
+    channels_last: bool = False,
 ) -> dict[str, Callable[[], None]]:
-    """learn2learn's ANIL and MAML training steps (one task at a time, as its examples)."""
+    """learn2learn's ANIL and MAML training steps (one task at a time, as its examples).
+
+    ``bf16`` and ``channels_last`` give ANIL what ``trainer.precision=bf16-mixed`` and
+    ``model.backbone.channels_last=true`` give ours: the backbone under bfloat16 autocast,
+    the head and its adaptation in float32; a channels-last backbone.
+    """
     import learn2learn as l2l  # the `l2l` extra
 
     from metalearn.models import ConvBackbone
@@ -175,7 +190,7 @@ def l2l_recipes(
     kwargs = {k: v for k, v in BACKBONE.items() if k != "_target_"}
 
     def anil_recipe() -> Callable[[], None]:
-        features = ConvBackbone(**kwargs).to(device)
+        features = ConvBackbone(**kwargs, channels_last=channels_last).to(device)
         head = l2l.algorithms.MAML(nn.Linear(features.feature_dim, ways), lr=0.1).to(device)
         optimizer = torch.optim.Adam([*features.parameters(), *head.parameters()], 1e-3)
 
@@ -183,7 +198,8 @@ def l2l_recipes(
             optimizer.zero_grad()
             for task in range(len(batch.support)):
                 images = torch.cat([batch.support[task], batch.query[task]]).float() / 255
-                embedded = features(images)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    embedded = features(images).float()
                 support, query = (
                     embedded[: batch.support.shape[1]],
                     embedded[batch.support.shape[1] :],
@@ -366,33 +382,73 @@ def train_rate(args: argparse.Namespace, device: torch.device, overrides: list[s
     return 4 * (len(stamps) - 1 - first) / (stamps[-1] - stamps[first])
 
 
+#: train.py settings of the training benchmark: name suffix -> (overrides, bfloat16,
+#: channels-last); the peer runs each with the same precision and layout.
+TRAIN_SETTINGS: dict[str, tuple[list[str], bool, bool]] = {
+    "": ([], False, False),
+    "_channels_last": (["model.backbone.channels_last=true"], False, True),
+    "_bf16": (["trainer.precision=bf16-mixed"], True, False),
+    "_bf16_channels_last": (
+        ["trainer.precision=bf16-mixed", "model.backbone.channels_last=true"],
+        True,
+        True,
+    ),
+}
+
+
 def train_speed(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """train.py's steady-state episodes/s at omniglot_5w1s_quick, as configured and with a
-    channels-last backbone, and learn2learn's ANIL recipe on the same geometry (5-way
-    1-shot, meta-batch 4, T = 5)."""
-    rates = {
-        "": train_rate(args, device, []),
-        "_channels_last": train_rate(args, device, ["model.backbone.channels_last=true"]),
+    """train.py's steady-state episodes/s at omniglot_5w1s_quick, as configured, with a
+    channels-last backbone and (``--train-bf16``) with trainer.precision=bf16-mixed, each
+    next to learn2learn's ANIL recipe on the same geometry (5-way 1-shot, meta-batch 4,
+    T = 5): as learn2learn writes it (float32, contiguous: ``vs_l2l_anil*``) and given the
+    same precision and layout (``vs_same_l2l_anil*``)."""
+    settings = {
+        name: setting
+        for name, setting in TRAIN_SETTINGS.items()
+        if args.train_bf16 or not setting[1]
     }
-    row: dict[str, Any] = {
-        "what": "train.py experiment=omniglot_5w1s_quick",
-        "compile": args.train_compile,
-        "steps": args.train_steps,
-        **{f"train_episodes_per_s{name}": round(rate, 2) for name, rate in rates.items()},
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-    }
+    peers: dict[str, Callable[[], None]] = {}
+    meta_batch = 4
     if args.peers and have_l2l():
-        meta_batch = 4
         sampler = EpisodeSampler(
             training_images(args.data_dir, args.cache_dir), 5, 1, 15, 0, "train"
         )
         batch = to_device(sampler.sample(range(meta_batch)), device)
-        anil = l2l_recipes(batch, 5, device, maml=False)["l2l_anil_s"]
-        seconds = side_by_side({"anil": anil}, max(args.repeats, 10), device)["anil"]
-        row["l2l_anil_episodes_per_s"] = round(meta_batch / seconds, 2)
-        for name, rate in rates.items():
-            row[f"vs_l2l_anil{name}"] = round(rate * seconds / meta_batch, 3)
+        peers = {
+            name: l2l_recipes(batch, 5, device, False, bf16, channels_last)["l2l_anil_s"]
+            for name, (_, bf16, channels_last) in settings.items()
+        }
+    # Round robin, the peers measured in every round right after our runs: a ratio is
+    # taken within a round (a busy spell of the machine slows both sides of it) and the
+    # medians over the rounds are printed.
+    rounds: list[dict[str, float]] = []
+    for _ in range(args.train_repeats):
+        rates = {name: train_rate(args, device, o) for name, (o, _, _) in settings.items()}
+        measured = {f"train_episodes_per_s{name}": rate for name, rate in rates.items()}
+        if peers:
+            seconds = side_by_side(peers, max(args.repeats, 10), device)
+            for name, rate in rates.items():
+                measured[f"l2l_anil_episodes_per_s{name}"] = meta_batch / seconds[name]
+                measured[f"vs_l2l_anil{name}"] = rate * seconds[""] / meta_batch
+                measured[f"vs_same_l2l_anil{name}"] = rate * seconds[name] / meta_batch
+        rounds.append(measured)
+    row: dict[str, Any] = {
+        "what": "train.py experiment=omniglot_5w1s_quick",
+        "compile": args.train_compile,
+        "steps": args.train_steps,
+        "repeats": args.train_repeats,
+        **{
+            key: round(statistics.median(r[key] for r in rounds), 3 if "vs_" in key else 2)
+            for key in rounds[0]
+        },
+        "vs_l2l_anil_per_round": {
+            key[len("vs_l2l_anil") :] or "float32": [round(r[key], 3) for r in rounds]
+            for key in rounds[0]
+            if key.startswith("vs_l2l_anil")
+        },
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
     return row
 
 
@@ -410,6 +466,8 @@ def main() -> None:
     parser.add_argument("--maml-max-steps", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=0)
     parser.add_argument("--train-compile", action="store_true")
+    parser.add_argument("--train-bf16", action="store_true")
+    parser.add_argument("--train-repeats", type=int, default=3)
     parser.add_argument("--only-train", action="store_true")
     parser.add_argument("--data-dir", default=os.environ.get("METALEARN_DATA_DIR"))
     parser.add_argument("--cache-dir", default=os.environ.get("METALEARN_CACHE_DIR", ".cache"))

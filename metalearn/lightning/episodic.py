@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import hydra.utils
@@ -130,6 +131,9 @@ class EpisodicModule(pl.LightningModule):
 
     #: Why this learner's step cannot be compiled (``None``: it can).
     compile_unsupported: str | None = None
+    #: Why this learner cannot train under a mixed ``trainer.precision`` (``None``: it can,
+    #: see :meth:`mixed_precision`).
+    mixed_precision_unsupported: str | None = None
 
     def __init__(
         self,
@@ -167,6 +171,9 @@ class EpisodicModule(pl.LightningModule):
         self._divergence_warned = False
         self._compiled: Callable[..., Any] | None = None
         self._compiled_graphs: set[tuple[Any, ...]] = set()
+        #: The autocast dtype of the trainer's mixed precision in the current step (None:
+        #: the parameters' precision); set by :meth:`mixed_precision`.
+        self._backbone_dtype: torch.dtype | None = None
         self._episode_rows: list[Tensor] = []
         #: The last validation / test result: accuracy, ci95, episodes, loss, and the mean
         #: query accuracy and its CI after t = 0..T inner steps (accuracy_per_step,
@@ -320,7 +327,39 @@ class EpisodicModule(pl.LightningModule):
         (B, NK, d) and (B, NQ, d).
         """
         support, query = self._to_float(support), self._to_float(query)
-        return embed_episodes(self.backbone, support, query, self.batch_stats)
+        with self.backbone_precision():
+            support_features, query_features = embed_episodes(
+                self.backbone, support, query, self.batch_stats
+            )
+        dtype = self._param_dtype
+        return support_features.to(dtype), query_features.to(dtype)
+
+    @contextlib.contextmanager
+    def mixed_precision(self) -> Iterator[None]:
+        """Mixed precision for the backbone only: inside, autocast is off and the trainer's
+        autocast dtype (``trainer.precision=bf16-mixed`` or ``16-mixed``), if any, is kept
+        for :meth:`backbone_precision`.
+
+        The backbone's convolutions are where lower precision pays; the inner problem (the
+        per-episode head fit and its T steps), the query loss and the hypergradient through
+        them stay in the parameters' precision (float32), like the losses and reductions
+        that autocast itself keeps in float32. Training and evaluation steps run inside.
+        """
+        device = self.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        outer, self._backbone_dtype = self._backbone_dtype, dtype
+        try:
+            with torch.autocast(device, enabled=False):
+                yield
+        finally:
+            self._backbone_dtype = outer
+
+    def backbone_precision(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast in the trainer's mixed-precision dtype around a backbone call (see
+        :meth:`mixed_precision`); a no-op at full precision."""
+        if self._backbone_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._backbone_dtype)
 
     def _to_float(self, images: Tensor) -> Tensor:
         """uint8 (0..255) -> the parameters' floating dtype in [0, 1]."""
@@ -395,7 +434,8 @@ class EpisodicModule(pl.LightningModule):
         return loss, accuracy
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
-        loss, accuracy = self.training_loss(batch)
+        with self.mixed_precision():
+            loss, accuracy = self.training_loss(batch)
         loss = loss.mean()
         if not self.check_finite(loss, batch):
             return loss  # every rank runs backward; the update is skipped
@@ -412,8 +452,17 @@ class EpisodicModule(pl.LightningModule):
             self.log("train/outer_lr", float(optimizer.param_groups[0]["lr"]), batch_size=size)
 
     def setup(self, stage: str) -> None:
-        """Check that ``model.compile=reduce-overhead`` (CUDA graphs) runs on a CUDA device."""
-        if self.compile_mode != "reduce-overhead" or self._trainer is None:
+        """Check that ``model.compile=reduce-overhead`` (CUDA graphs) runs on a CUDA device
+        and that a mixed ``trainer.precision`` is one this learner supports."""
+        if self._trainer is None:
+            return
+        precision = str(self.trainer.precision)
+        if precision.endswith("-mixed") and self.mixed_precision_unsupported:
+            raise ConfigError(
+                f"trainer.precision={precision}: {self.mixed_precision_unsupported}; "
+                f"use trainer.precision=32-true"
+            )
+        if self.compile_mode != "reduce-overhead":
             return
         device = self.trainer.strategy.root_device
         if device.type != "cuda":
@@ -439,7 +488,7 @@ class EpisodicModule(pl.LightningModule):
 
     # -- evaluation: no outer graph ----------------------------------------------------
     def _eval_step(self, batch: EpisodeBatch) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), self.mixed_precision():
             loss, _, curve = self.episode_forward(batch, self.eval_steps, per_step=True)
         assert curve is not None
         # Row layout: accuracy after t = 0..T steps, then the query loss. A rank's padding

@@ -66,6 +66,10 @@ class MAML(InnerLoopLearner):
         "torch.autograd.grad(create_graph=True) under torch.func.vmap, which torch.compile "
         "does not trace"
     )
+    mixed_precision_unsupported = (
+        "MAML's inner gradient (torch.func.grad under torch.func.vmap) fails under autocast "
+        "(the backward of the backbone meets float32 and bfloat16 tensors)"
+    )
 
     def __init__(
         self,
