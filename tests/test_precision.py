@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import compose_config
+from precision_probe import conv_dtypes
 from test_compile import NARROW
 
 from metalearn.data.episodes import EpisodeSampler
@@ -32,14 +33,6 @@ def model(cls=HyperRepresentation, backbone=NARROW, **settings):
     return cls(backbone, **settings).train()
 
 
-def conv_dtypes(module):
-    seen = set()
-    for conv in module.backbone.modules():
-        if isinstance(conv, torch.nn.Conv2d):
-            conv.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
-    return seen
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_only_the_backbone_runs_in_bfloat16(batch, channels_last):
     """Under the trainer's autocast, the loss equals the float32 loss computed from the
@@ -47,7 +40,7 @@ def test_only_the_backbone_runs_in_bfloat16(batch, channels_last):
     run in bfloat16 (as they do under a bare autocast, which changes the loss)."""
     backbone = {**NARROW, "channels_last": channels_last}
     learner = model(backbone=backbone, inner_steps=5, center_features=True)
-    dtypes = conv_dtypes(learner)
+    dtypes = conv_dtypes(learner.backbone)
     features = []
     learner.backbone.register_forward_hook(lambda m, i, out: features.append(out))
     with bf16(), learner.mixed_precision():
@@ -82,7 +75,7 @@ def test_the_mixed_precision_hypergradient_is_the_float32_one_to_bfloat16_roundi
     0.977, 0.982 and 0.985, on this narrow random-image batch, where a plain loss on the
     backbone's features gives 0.993 - 1.0 per tensor."""
     exact, mixed = model(cls, **settings), model(cls, **settings)
-    dtypes = conv_dtypes(mixed)
+    dtypes = conv_dtypes(mixed.backbone)
     loss, _ = exact.training_loss(batch)
     loss.mean().backward()
     with bf16(), mixed.mixed_precision():
