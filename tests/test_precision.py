@@ -45,9 +45,11 @@ def test_only_the_backbone_runs_in_bfloat16(batch, channels_last):
     learner.backbone.register_forward_hook(lambda m, i, out: features.append(out))
     with bf16(), learner.mixed_precision():
         mixed, _ = learner.training_loss(batch)
-    assert dtypes == {torch.bfloat16} and features[-1].dtype == torch.bfloat16
+    # one backbone call per episode on the CPU (model.episode_chunk=auto)
+    assert len(features) == len(batch.support)
+    assert dtypes == {torch.bfloat16} and {f.dtype for f in features} == {torch.bfloat16}
     assert mixed.dtype == torch.float32
-    bf16_features = features[-1].float()
+    bf16_features = torch.cat(features).float()
     shots = batch.support.shape[1]
     learner.embed = lambda support, query: (bf16_features[:, :shots], bf16_features[:, shots:])
     reference, _ = learner.training_loss(batch)

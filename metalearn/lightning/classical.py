@@ -12,7 +12,13 @@ from torch import Tensor, nn
 from metalearn.bilevel import head_logits
 from metalearn.data.episodes import EpisodeBatch, EpisodeSampler
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.lightning.episodic import BatchStats, EpisodicModule, Nonfinite, query_metrics
+from metalearn.lightning.episodic import (
+    BatchStats,
+    EpisodeChunk,
+    EpisodicModule,
+    Nonfinite,
+    query_metrics,
+)
 from metalearn.lightning.inner_loop import feature_dim
 
 __all__ = ["ClassicalJointTraining"]
@@ -64,6 +70,8 @@ class ClassicalJointTraining(EpisodicModule):
         lr_decay: inverse-time decay of the learning rates per step (0: constant).
         nonfinite: ``"raise"`` or ``"skip"`` on an inf/NaN training loss.
         compile: not supported, see :attr:`compile_unsupported`.
+        episode_chunk: episodes per backbone call (see
+            :class:`~metalearn.lightning.episodic.EpisodicModule`).
     """
 
     compile_unsupported = (
@@ -87,8 +95,11 @@ class ClassicalJointTraining(EpisodicModule):
         lr_decay: float = 1e-5,
         nonfinite: Nonfinite = "raise",
         compile: bool | str = False,
+        episode_chunk: EpisodeChunk = "auto",
     ) -> None:
-        super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite, compile)
+        super().__init__(
+            backbone, batch_stats, optimizer, lr_decay, nonfinite, compile, episode_chunk
+        )
         if pool_episodes < 1:
             raise ConfigError(f"model.pool_episodes must be >= 1, got {pool_episodes}")
         if head_init not in ("uniform", "zero"):

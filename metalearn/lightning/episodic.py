@@ -23,9 +23,12 @@ from metalearn.data.episodes import EpisodeBatch
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.models.normalization import (
     BatchStats,
+    EpisodeChunk,
     build_backbone,
     check_batch_stats,
+    check_episode_chunk,
     embed_episodes,
+    episodes_per_call,
     protocol_of,
 )
 from metalearn.reports import mean_ci95_of_sums, moment_sums
@@ -35,6 +38,7 @@ __all__ = [
     "EpisodicModule",
     "BatchStats",
     "COMPILE_MODES",
+    "EpisodeChunk",
     "Nonfinite",
     "InverseTimeDecay",
     "TrainingDiverged",
@@ -127,6 +131,12 @@ class EpisodicModule(pl.LightningModule):
             training and the evaluation graph are compiled once each (their shapes, grad
             mode and ``per_step`` differ), and each compile time is reported once.
             Learners whose step cannot be traced set :attr:`compile_unsupported`.
+        episode_chunk: how many episodes of a meta-batch one backbone call embeds:
+            ``"auto"`` (one at a time on the CPU, where it is faster, the whole meta-batch
+            on a GPU), an integer, or ``None`` (the whole meta-batch), see
+            :data:`~metalearn.models.normalization.EpisodeChunk`. The features do not
+            depend on it; an integer needs per-episode statistics (``batch_stats``
+            episode, split or support).
     """
 
     #: Why this learner's step cannot be compiled (``None``: it can).
@@ -143,6 +153,7 @@ class EpisodicModule(pl.LightningModule):
         lr_decay: float = 1e-5,
         nonfinite: Nonfinite = "raise",
         compile: bool | str = False,
+        episode_chunk: EpisodeChunk = "auto",
     ) -> None:
         super().__init__()
         # Every constructor argument of the subclasses' __init__ chain (Lightning collects
@@ -160,6 +171,8 @@ class EpisodicModule(pl.LightningModule):
             raise ConfigError(f"model.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.compile_mode = check_compile(compile, self.compile_unsupported)
         check_batch_stats(batch_stats)
+        check_episode_chunk(episode_chunk, batch_stats)
+        self.episode_chunk: EpisodeChunk = episode_chunk
         self.backbone: nn.Module = build_backbone(backbone, batch_stats)
         self.batch_stats, self.nonfinite = batch_stats, nonfinite
         self.optimizer_config = dict(optimizer or DEFAULT_OPTIMIZER)
@@ -323,13 +336,18 @@ class EpisodicModule(pl.LightningModule):
 
         uint8 images are scaled to [0, 1] here, on the model's device and in the
         parameters' dtype, one meta-batch at a time; BatchNorm statistics as
-        ``batch_stats`` says (:func:`~metalearn.models.embed_episodes`). Returns
+        ``batch_stats`` says (:func:`~metalearn.models.embed_episodes`), ``episode_chunk``
+        episodes per backbone call. Returns
         (B, NK, d) and (B, NQ, d).
         """
         support, query = self._to_float(support), self._to_float(query)
         with self.backbone_precision():
             support_features, query_features = embed_episodes(
-                self.backbone, support, query, self.batch_stats
+                self.backbone,
+                support,
+                query,
+                self.batch_stats,
+                episodes_per_call(self.episode_chunk, self.batch_stats, support.device),
             )
         dtype = self._param_dtype
         return support_features.to(dtype), query_features.to(dtype)

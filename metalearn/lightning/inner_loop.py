@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.errors import ConfigError
-from metalearn.lightning.episodic import BatchStats, EpisodicModule, Nonfinite
+from metalearn.lightning.episodic import BatchStats, EpisodeChunk, EpisodicModule, Nonfinite
 
 __all__ = ["HEAD_INITS", "HeadInit", "InnerLoopLearner", "feature_dim"]
 
@@ -43,7 +43,7 @@ class InnerLoopLearner(EpisodicModule):
     outer variable started at zero, for N = ``ways`` in training and evaluation.
 
     Args:
-        backbone, batch_stats, optimizer, lr_decay, nonfinite, compile: see
+        backbone, batch_stats, optimizer, lr_decay, nonfinite, compile, episode_chunk: see
             :class:`~metalearn.lightning.episodic.EpisodicModule`.
         inner_steps: T in training.
         eval_inner_steps: T for validation and test (``None``: same as ``inner_steps``).
@@ -69,8 +69,11 @@ class InnerLoopLearner(EpisodicModule):
         lr_decay: float,
         nonfinite: Nonfinite,
         compile: bool | str,
+        episode_chunk: EpisodeChunk = "auto",
     ) -> None:
-        super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite, compile)
+        super().__init__(
+            backbone, batch_stats, optimizer, lr_decay, nonfinite, compile, episode_chunk
+        )
         if inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 1):
             raise ConfigError(
                 f"model.inner_steps and model.eval_inner_steps must be >= 1, got "

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from metalearn.data.episodes import EpisodeBatch
-from metalearn.lightning.episodic import BatchStats, Nonfinite
+from metalearn.lightning.episodic import BatchStats, EpisodeChunk, Nonfinite
 from metalearn.lightning.inner_loop import HeadInit, InnerLoopLearner
 
 __all__ = ["HyperRepresentation", "ANIL"]
@@ -53,6 +53,8 @@ class HyperRepresentation(InnerLoopLearner):
             mean direction otherwise dominates the curvature of the inner problem.
         compile: ``torch.compile`` the meta-step (see
             :class:`~metalearn.lightning.episodic.EpisodicModule`).
+        episode_chunk: episodes per backbone call (see
+            :class:`~metalearn.lightning.episodic.EpisodicModule`).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class HyperRepresentation(InnerLoopLearner):
         nonfinite: Nonfinite = "raise",
         center_features: bool = False,
         compile: bool | str = False,
+        episode_chunk: EpisodeChunk = "auto",
     ) -> None:
         super().__init__(
             backbone,
@@ -89,6 +92,7 @@ class HyperRepresentation(InnerLoopLearner):
             lr_decay,
             nonfinite,
             compile,
+            episode_chunk,
         )
         self.l2, self.truncate, self.first_order = l2, truncate, first_order
         self.center_features = center_features

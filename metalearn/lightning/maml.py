@@ -11,8 +11,9 @@ from torch import Tensor
 from metalearn.bilevel.maml import Params, maml_logits
 from metalearn.data.episodes import EpisodeBatch
 from metalearn.errors import ConfigError
-from metalearn.lightning.episodic import BatchStats, Nonfinite
+from metalearn.lightning.episodic import BatchStats, EpisodeChunk, Nonfinite
 from metalearn.lightning.inner_loop import HeadInit, InnerLoopLearner
+from metalearn.models.normalization import episodes_per_call
 
 __all__ = ["MAML", "MAML_BATCH_STATS"]
 
@@ -50,8 +51,9 @@ class MAML(InnerLoopLearner):
         first_order: first-order MAML (drop the second-order terms).
         head_init: ``"learned"`` (Finn et al.: the head is part of θ_0; here started at
             zero) or ``"zero"`` (a zero head at the start of every episode, any ways).
-        episode_chunk: episodes per vectorized chunk (``None``: the whole meta-batch); a
-            smaller value bounds the memory of large evaluation batches.
+        episode_chunk: episodes per vectorized chunk (``None``: the whole meta-batch; an
+            integer; ``"auto"``: one on the CPU, all elsewhere); a smaller value bounds the
+            memory of large evaluation batches.
         batch_stats: ``"split"`` or ``"support"`` (see above).
         optimizer: Hydra config of the outer optimizer, ``_partial_: true``.
         lr_decay: inverse-time decay of the outer learning rate per step (0: constant).
@@ -82,7 +84,7 @@ class MAML(InnerLoopLearner):
         inner_lr_param: Literal["exp", "softplus"] = "exp",
         first_order: bool = False,
         head_init: HeadInit = "learned",
-        episode_chunk: int | None = None,
+        episode_chunk: EpisodeChunk = None,
         batch_stats: BatchStats = "split",
         optimizer: Mapping[str, Any] | None = None,
         lr_decay: float = 1e-5,
@@ -103,6 +105,7 @@ class MAML(InnerLoopLearner):
             lr_decay,
             nonfinite,
             compile,
+            episode_chunk,
         )
         if batch_stats not in MAML_BATCH_STATS:
             raise ConfigError(
@@ -110,9 +113,7 @@ class MAML(InnerLoopLearner):
                 f"statistics are per episode and set: model.batch_stats must be split "
                 f"(transductive) or support (inductive), got {batch_stats!r}"
             )
-        if episode_chunk is not None and episode_chunk < 1:
-            raise ConfigError(f"model.episode_chunk must be >= 1 or null, got {episode_chunk}")
-        self.first_order, self.episode_chunk = first_order, episode_chunk
+        self.first_order = first_order
 
     def initial_params(self, ways: int) -> Params:
         """θ_0 as a functional dict: ``backbone.<name>`` entries and ``head.weight`` (d, N),
@@ -154,6 +155,8 @@ class MAML(InnerLoopLearner):
             self.inner_lr,
             first_order=self.first_order,
             query_labels=batch.query_labels if per_step else None,
-            chunk_size=self.episode_chunk,
+            chunk_size=episodes_per_call(
+                self.episode_chunk, self.batch_stats, batch.support.device
+            ),
             predict_query=self.predict_query if self.batch_stats == "support" else None,
         )

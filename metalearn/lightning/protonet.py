@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metalearn.data.episodes import EpisodeBatch
-from metalearn.lightning.episodic import BatchStats, EpisodicModule, Nonfinite
+from metalearn.lightning.episodic import BatchStats, EpisodeChunk, EpisodicModule, Nonfinite
 
 __all__ = ["PrototypicalNetwork", "prototype_logits"]
 
@@ -56,6 +56,8 @@ class PrototypicalNetwork(EpisodicModule):
         optimizer: Hydra config of the optimizer, ``_partial_: true``.
         lr_decay: inverse-time decay of the learning rate per step (0: constant).
         nonfinite: ``"raise"`` or ``"skip"`` on an inf/NaN training loss.
+        episode_chunk: episodes per backbone call (see
+            :class:`~metalearn.lightning.episodic.EpisodicModule`).
     """
 
     def __init__(
@@ -66,8 +68,11 @@ class PrototypicalNetwork(EpisodicModule):
         lr_decay: float = 1e-5,
         nonfinite: Nonfinite = "raise",
         compile: bool | str = False,
+        episode_chunk: EpisodeChunk = "auto",
     ) -> None:
-        super().__init__(backbone, batch_stats, optimizer, lr_decay, nonfinite, compile)
+        super().__init__(
+            backbone, batch_stats, optimizer, lr_decay, nonfinite, compile, episode_chunk
+        )
 
     def episode_logits(
         self, batch: EpisodeBatch, steps: int = 0, per_step: bool = False

@@ -19,6 +19,9 @@ __all__ = [
     "protocol_of",
     "build_backbone",
     "embed_episodes",
+    "EpisodeChunk",
+    "check_episode_chunk",
+    "episodes_per_call",
     "Representation",
 ]
 
@@ -96,15 +99,84 @@ def build_backbone(config: Mapping[str, Any], batch_stats: str) -> nn.Module:
     return backbone
 
 
+#: ``model.episode_chunk``: how many episodes of a meta-batch one backbone call embeds.
+#: ``"auto"``: one at a time on the CPU, the whole meta-batch on other devices; an integer
+#: k >= 1: k at a time; ``None``: the whole meta-batch in one call.
+#:
+#: With statistics per episode or per set (:data:`PER_EPISODE_STATS`) an episode's features
+#: do not depend on the other episodes, so the chunk changes only the speed (the features
+#: agree to float rounding; ``tests/test_models.py``). On a CPU the activations of one
+#: episode stay in cache through BatchNorm and ReLU, where those of a whole meta-batch do
+#: not: a backbone forward + backward of the Omniglot network over a 5-way 1-shot
+#: meta-batch of 4 episodes took 1.4x less time one episode per call
+#: (docs/benchmarks.md). A GPU is launch-bound at these sizes and wants one call.
+EpisodeChunk = int | None | Literal["auto"]
+
+#: The ``batch_stats`` settings under which embedding a meta-batch in chunks of episodes
+#: gives the same features: every BatchNorm statistic is taken within one episode.
+PER_EPISODE_STATS = ("episode", "split", "support")
+
+
+def check_episode_chunk(episode_chunk: Any, batch_stats: str) -> None:
+    """Raise :class:`ConfigError` unless ``episode_chunk`` is an :data:`EpisodeChunk` that
+    leaves the features of a ``batch_stats`` model unchanged."""
+    if episode_chunk is None or episode_chunk == "auto":
+        return
+    if isinstance(episode_chunk, bool) or not isinstance(episode_chunk, int) or episode_chunk < 1:
+        raise ConfigError(
+            f"model.episode_chunk must be auto, null (the whole meta-batch) or an integer "
+            f">= 1, got {episode_chunk!r}"
+        )
+    if batch_stats not in PER_EPISODE_STATS:
+        raise ConfigError(
+            f"model.episode_chunk={episode_chunk} would change the features: "
+            f"model.batch_stats={batch_stats} takes BatchNorm statistics over the whole "
+            f"meta-batch in training; use model.episode_chunk=auto or null"
+        )
+
+
+def episodes_per_call(
+    episode_chunk: EpisodeChunk, batch_stats: str, device: torch.device
+) -> int | None:
+    """The episodes one backbone call embeds (``None``: all) for an :data:`EpisodeChunk`
+    setting on ``device``; ``"auto"`` gives 1 on the CPU when ``batch_stats`` allows it."""
+    if episode_chunk != "auto":
+        return episode_chunk
+    if device.type == "cpu" and batch_stats in PER_EPISODE_STATS:
+        return 1
+    return None
+
+
 def embed_episodes(
-    backbone: nn.Module, support: Tensor, query: Tensor, batch_stats: str
+    backbone: nn.Module,
+    support: Tensor,
+    query: Tensor,
+    batch_stats: str,
+    episodes_per_call: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Backbone features of B episodes' support (B, S, ...) and query (B, Q, ...) images,
     with the BatchNorm statistics of ``batch_stats`` (:data:`BatchStats`).
 
+    ``episodes_per_call`` (``None``: all B) embeds the meta-batch that many episodes at a
+    time, which gives the same features when the statistics are per episode or per set
+    (:data:`PER_EPISODE_STATS`; a ``ValueError`` otherwise).
+
     Returns:
         ``(support features (B, S, d), query features (B, Q, d))``.
     """
+    if episodes_per_call is not None and episodes_per_call < support.shape[0]:
+        if batch_stats not in PER_EPISODE_STATS:
+            raise ValueError(
+                f"batch_stats={batch_stats!r} normalizes over the whole meta-batch: it cannot "
+                f"be embedded {episodes_per_call} episode(s) at a time"
+            )
+        parts = [
+            embed_episodes(backbone, s, q, batch_stats)
+            for s, q in zip(
+                support.split(episodes_per_call), query.split(episodes_per_call), strict=True
+            )
+        ]
+        return torch.cat([s for s, _ in parts]), torch.cat([q for _, q in parts])
     if batch_stats == "split":
         return backbone(support), backbone(query)
     images = torch.cat([support, query], dim=1)
