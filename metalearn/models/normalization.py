@@ -152,29 +152,27 @@ def embed_episodes(
     support: Tensor,
     query: Tensor,
     batch_stats: str,
-    episodes_per_call: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Backbone features of B episodes' support (B, S, ...) and query (B, Q, ...) images,
     with the BatchNorm statistics of ``batch_stats`` (:data:`BatchStats`).
 
-    ``episodes_per_call`` (``None``: all B) embeds the meta-batch that many episodes at a
-    time, which gives the same features when the statistics are per episode or per set
+    ``chunk`` (``None``: all B; see :func:`episodes_per_call`) embeds the meta-batch that
+    many episodes per backbone call, which gives the same features when the statistics are per episode or per set
     (:data:`PER_EPISODE_STATS`; a ``ValueError`` otherwise).
 
     Returns:
         ``(support features (B, S, d), query features (B, Q, d))``.
     """
-    if episodes_per_call is not None and episodes_per_call < support.shape[0]:
+    if chunk is not None and chunk < support.shape[0]:
         if batch_stats not in PER_EPISODE_STATS:
             raise ValueError(
                 f"batch_stats={batch_stats!r} normalizes over the whole meta-batch: it cannot "
-                f"be embedded {episodes_per_call} episode(s) at a time"
+                f"be embedded {chunk} episode(s) at a time"
             )
         parts = [
             embed_episodes(backbone, s, q, batch_stats)
-            for s, q in zip(
-                support.split(episodes_per_call), query.split(episodes_per_call), strict=True
-            )
+            for s, q in zip(support.split(chunk), query.split(chunk), strict=True)
         ]
         return torch.cat([s for s, _ in parts]), torch.cat([q for _, q in parts])
     if batch_stats == "split":
