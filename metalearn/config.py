@@ -56,6 +56,7 @@ class ExtrasSettings:
     """``extras``: what the entry points do besides the run itself."""
 
     print_config: bool = True
+    keep_host_memory: bool = True
 
 
 @dataclasses.dataclass

@@ -48,6 +48,7 @@ from metalearn.reports import (
 )
 from metalearn.utils.console import print_config_tree
 from metalearn.utils.files import write_text
+from metalearn.utils.host_memory import keep_freed_host_memory
 from metalearn.utils.loggers import CSVLogger
 
 __all__ = ["train", "evaluate"]
@@ -232,6 +233,13 @@ def _test_result(
     }
 
 
+def _keep_host_memory(cfg: DictConfig) -> None:
+    """``extras.keep_host_memory``: the C library keeps the host memory PyTorch frees, for
+    its next allocations (metalearn.utils.host_memory)."""
+    if (cfg.get("extras") or {}).get("keep_host_memory", True):
+        keep_freed_host_memory()
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (and test the best checkpoint of) the model described by a composed config.
 
@@ -240,6 +248,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     _quiet_known_warnings()
     check_config(cfg, TrainSettings)
+    _keep_host_memory(cfg)
     if cfg.get("extras", {}).get("print_config"):
         print_config_tree(cfg)
     if cfg.get("seed") is not None:
@@ -422,6 +431,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "(<run>/checkpoints/best-*.ckpt or last.ckpt)"
         )
     check_config(cfg, EvalSettings)
+    _keep_host_memory(cfg)
     ckpt_path = str(cfg.ckpt_path)
     checkpoint = read_checkpoint(ckpt_path)
     model = model_from_checkpoint(checkpoint, cfg.get("compile", False))

@@ -59,6 +59,7 @@ def test_the_evaluation_config_is_well_typed(tmp_path, data_dir, real_cache_dir)
         (["+data.wayz=3"], "data.wayz is not a setting of metalearn.data.OmniglotDataModule"),
         (["+model.inner_lrr=3"], "model.inner_lrr is not a setting of"),
         (["extras.print_config=1"], "extras.print_config=1: expected true or false"),
+        (["extras.keep_host_memory=on"], "extras.keep_host_memory='on': expected true or false"),
         (["trainer.val_check_interval=0"], "trainer.val_check_interval=0"),
         (["+trainer.accumulate_grad_batches=2"], "raise data.meta_batch instead"),
         (
