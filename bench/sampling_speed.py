@@ -12,7 +12,8 @@ Prints one JSON line per setting:
     share       sample_s / step_s
 
 With ``--device cuda`` the images live on the GPU and meta-batches are gathered there (the
-DataModule's device sampling); otherwise everything is on the CPU.
+DataModule's device sampling); otherwise everything is on the CPU. The process keeps the
+host memory it frees, as train.py does (extras.keep_host_memory).
 
 Usage: python bench/sampling_speed.py [--device cpu] [--repeats 10]
 """
@@ -25,10 +26,11 @@ import json
 import os
 
 import torch
-from step_speed import median_seconds, training_images
+from step_speed import side_by_side, training_images
 
 from metalearn.data.episodes import EpisodeBatch, EpisodeSampler
 from metalearn.lightning import HyperRepresentation
+from metalearn.utils.host_memory import keep_freed_host_memory
 
 SETTINGS = {
     "omniglot_5w1s": {
@@ -85,9 +87,8 @@ def measure(
         loss.mean().backward()
         optimizer.step()
 
-    return median_seconds(draw, max(args.repeats, 30), device), median_seconds(
-        step, args.repeats, device
-    )
+    draw_s = side_by_side({"draw": draw}, max(args.repeats, 30), device)["draw"]
+    return draw_s, side_by_side({"step": step}, args.repeats, device)["step"]
 
 
 def main() -> None:
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=os.environ.get("METALEARN_CACHE_DIR", ".cache"))
     args = parser.parse_args()
     device = torch.device(args.device)
+    kept = keep_freed_host_memory()  # as train.py does (extras.keep_host_memory)
     torch.manual_seed(0)
     for name, setting in SETTINGS.items():
         sample_s, step_s = measure(name, setting, args, device)
@@ -114,6 +116,7 @@ def main() -> None:
                     "meta_batch": args.meta_batch,
                     "device": str(device),
                     "threads": torch.get_num_threads(),
+                    "keep_host_memory": kept,
                 }
             ),
             flush=True,

@@ -39,6 +39,10 @@ of each), so their ratios do not depend on how busy the machine was.
                           the peer's step time / the fastest of ours (how many times
                           faster); the peers run the default (contiguous) backbone
 
+The process keeps the host memory it frees (train.py's extras.keep_host_memory, applied to
+every measurement here, the peers' included; --no-keep-host-memory: glibc's defaults), and
+every line records which (keep_host_memory).
+
 With --train-steps N it also runs `train.py experiment=omniglot_5w1s_quick` for N steps, as
 configured and with model.backbone.channels_last=true (--train-bf16: also with
 trainer.precision=bf16-mixed, with and without channels-last; --train-compile: all with
@@ -55,7 +59,7 @@ examples do, task by task; the same Omniglot images, extracted from the zips).
 Usage: python bench/step_speed.py [--steps 1 5 20 100] [--geometries 5w1s 20w1s 5w5s]
            [--meta-batches 4 16] [--repeats 5] [--device cpu] [--no-compile]
            [--train-steps 300] [--train-bf16] [--train-compile]
-           [--train-repeats 3]
+           [--train-repeats 3] [--no-keep-host-memory]
 Images come from the real Omniglot when METALEARN_DATA_DIR (or --data-dir) holds it, else
 from random uint8 images of the same shape (timings do not depend on pixel values).
 """
@@ -83,6 +87,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from metalearn.data.episodes import EpisodeBatch, EpisodeSampler
 from metalearn.lightning import HyperRepresentation
 from metalearn.models.normalization import episodes_per_call
+from metalearn.utils.host_memory import keep_freed_host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = {
@@ -429,15 +434,20 @@ class StepTimes(pl.Callback):
 """
 
 
-def train_rate(args: argparse.Namespace, device: torch.device, overrides: list[str]) -> float:
-    """Steady-state training episodes/s of train.py at omniglot_5w1s_quick (meta-batch 4)."""
+def train_rate(
+    args: argparse.Namespace,
+    device: torch.device,
+    overrides: list[str],
+    experiment: str = "omniglot_5w1s_quick",
+) -> float:
+    """Steady-state training episodes/s of train.py at ``experiment`` (meta-batch 4)."""
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "step_times.py").write_text(STEP_TIMES)
         times_file = Path(folder, "times.json")
         command = [
             sys.executable,
             str(REPO / "train.py"),
-            "experiment=omniglot_5w1s_quick",
+            f"experiment={experiment}",
             f"trainer.max_steps={args.train_steps}",
             f"trainer.val_check_interval={args.train_steps}",
             "data.val_episodes=10",
@@ -445,6 +455,7 @@ def train_rate(args: argparse.Namespace, device: torch.device, overrides: list[s
             "logger=none",
             f"hydra.run.dir={folder}/run",
             "+callbacks.step_times._target_=step_times.StepTimes",
+            f"extras.keep_host_memory={str(args.keep_host_memory).lower()}",
             f"+callbacks.step_times.path={times_file}",
             *(["model.compile=true"] if args.train_compile else []),
             *([f"trainer.accelerator={device.type}"] if device.type != "cpu" else []),
@@ -561,11 +572,25 @@ def main() -> None:
     parser.add_argument("--train-bf16", action="store_true")
     parser.add_argument("--train-repeats", type=int, default=3)
     parser.add_argument("--only-train", action="store_true")
+    parser.add_argument(
+        "--no-keep-host-memory",
+        dest="keep_host_memory",
+        action="store_false",
+        help="leave glibc's malloc as it is (train.py's extras.keep_host_memory=false)",
+    )
     parser.add_argument("--data-dir", default=os.environ.get("METALEARN_DATA_DIR"))
     parser.add_argument("--cache-dir", default=os.environ.get("METALEARN_CACHE_DIR", ".cache"))
     args = parser.parse_args()
     device = torch.device(args.device)
-    common = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    # As train.py (extras.keep_host_memory): freed host memory is reused, not faulted in
+    # again at every step; every measurement of this process, the peers' included, runs so.
+    kept = args.keep_host_memory and keep_freed_host_memory()
+    common = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "keep_host_memory": kept,
+    }
     if device.type == "cuda":
         common["gpu"] = torch.cuda.get_device_name(device)
     if not args.only_train:

@@ -105,11 +105,12 @@ def build_backbone(config: Mapping[str, Any], batch_stats: str) -> nn.Module:
 #:
 #: With statistics per episode or per set (:data:`PER_EPISODE_STATS`) an episode's features
 #: do not depend on the other episodes, so the chunk changes only the speed (the features
-#: agree to float rounding; ``tests/test_models.py``). On a CPU the activations of one
-#: episode stay in cache through BatchNorm and ReLU, where those of a whole meta-batch do
-#: not: a backbone forward + backward of the Omniglot network over a 5-way 1-shot
-#: meta-batch of 4 episodes took 1.4x less time one episode per call
-#: (docs/benchmarks.md). A GPU is launch-bound at these sizes and wants one call.
+#: agree to float rounding; ``tests/test_models.py``). On a CPU one call per episode and one
+#: per meta-batch cost the same when freed host memory is kept (``extras.keep_host_memory``,
+#: :mod:`metalearn.utils.host_memory`); under glibc's default allocator the larger blocks of
+#: a whole meta-batch are faulted in afresh at every step and one call was up to 2.95x
+#: slower (docs/benchmarks.md), so ``auto`` embeds one episode per call there. A GPU is
+#: launch-bound at these sizes and wants one call.
 EpisodeChunk = int | None | Literal["auto"]
 
 #: The ``batch_stats`` settings under which embedding a meta-batch in chunks of episodes
