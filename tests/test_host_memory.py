@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from conftest import REPO, compose_config
 
 import metalearn.pipeline as pipeline
 from metalearn.errors import ConfigError
-from metalearn.utils.host_memory import keep_freed_host_memory
+from metalearn.utils.host_memory import MMAP_THRESHOLD, keep_freed_host_memory
 
 
 def _glibc() -> bool:
@@ -31,7 +32,7 @@ def _glibc() -> bool:
 ROUNDS = """
 import json, resource, sys
 import torch
-from metalearn.utils.host_memory import keep_freed_host_memory
+from metalearn.utils.host_memory import MMAP_THRESHOLD, keep_freed_host_memory
 kept = keep_freed_host_memory() if sys.argv[1] == "keep" else None
 faults = []
 for _ in range(20):
@@ -42,26 +43,57 @@ print(json.dumps({"kept": kept, "faults": sum(faults[10:]) / 10}))
 """
 
 
-def _faults_per_round(mode: str) -> dict:
+def _faults_per_round(mode: str, environment: dict[str, str] | None = None) -> dict:
+    if environment is None:  # glibc's defaults, whatever an earlier test kept
+        environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     done = subprocess.run(
-        [sys.executable, "-c", ROUNDS, mode], capture_output=True, text=True, cwd=REPO, check=True
+        [sys.executable, "-c", ROUNDS, mode],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+        env=environment,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+PAGES = (48 << 20) // 4096  # 12,288 pages of 4 KiB in each tensor
+
+
 @pytest.mark.skipif(not _glibc(), reason="the setting acts on glibc's malloc")
 def test_freed_memory_is_reused_without_page_faults():
-    pages = (48 << 20) // 4096  # 12,288 pages of 4 KiB in each tensor
     default = _faults_per_round("default")
     kept = _faults_per_round("keep")
     assert kept["kept"] is True
     # glibc's default maps every such block afresh: each round faults all its pages in.
-    assert default["faults"] > pages / 2, default
+    assert default["faults"] > PAGES / 2, default
     # Kept: the block is the same heap memory every round, already resident.
-    assert kept["faults"] < pages / 100, kept
+    assert kept["faults"] < PAGES / 100, kept
 
 
-def test_keep_freed_host_memory_reports_what_it_did():
+@pytest.mark.skipif(not _glibc(), reason="the setting acts on glibc's malloc")
+def test_processes_started_afresh_keep_it_too(monkeypatch):
+    """ddp_spawn ranks and other fresh interpreters read the settings from GLIBC_TUNABLES."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert keep_freed_host_memory()
+    child = _faults_per_round("default", dict(os.environ))  # the child does not call it
+    assert child["kept"] is None
+    assert child["faults"] < PAGES / 100, child
+
+
+@pytest.mark.skipif(not _glibc(), reason="the setting acts on glibc's malloc")
+def test_tunables_the_user_set_are_kept(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=5:glibc.malloc.arena_max=2")
+    assert keep_freed_host_memory()
+    assert os.environ["GLIBC_TUNABLES"].split(":") == [
+        "glibc.malloc.trim_threshold=5",
+        "glibc.malloc.arena_max=2",
+        f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}",
+    ]
+
+
+def test_keep_freed_host_memory_reports_what_it_did(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     assert keep_freed_host_memory() is _glibc()
 
 

@@ -10,11 +10,15 @@ kept (``bench/host_memory.py``, docs/benchmarks.md). :func:`keep_freed_host_memo
 glibc's thresholds so that blocks below :data:`MMAP_THRESHOLD` come from the heap and up
 to :data:`TRIM_THRESHOLD` of free heap stays mapped: the process's resident memory stays
 at its peak working set (plus at most that much), as with a caching allocator.
+
+Processes started afresh from this one (``ddp_spawn`` ranks, spawned workers, subprocesses)
+get the same settings through ``GLIBC_TUNABLES``, which glibc reads at start-up.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_host_memory"]
@@ -28,13 +32,20 @@ MMAP_THRESHOLD = 1 << 30
 #: Free memory at the top of the heap beyond this is given back to the system (the
 #: largest value ``mallopt`` takes, 2 GiB - 1).
 TRIM_THRESHOLD = (1 << 31) - 1
+#: The same settings as glibc tunables, for processes started afresh.
+_TUNABLES = {
+    "glibc.malloc.mmap_threshold": MMAP_THRESHOLD,
+    "glibc.malloc.trim_threshold": TRIM_THRESHOLD,
+}
 
 
 def keep_freed_host_memory() -> bool:
     """Keep freed host memory in the process (glibc only; see the module docstring).
 
     Affects the allocations made after the call, in every thread of the process and in the
-    processes it forks. Elsewhere (macOS, Windows, musl) it does nothing.
+    processes it forks, and adds the settings to ``GLIBC_TUNABLES`` for the processes it
+    starts afresh (a threshold that variable already names is left as it is there).
+    Elsewhere (macOS, Windows, musl) it does nothing.
 
     Returns:
         Whether the C library took the settings.
@@ -50,6 +61,14 @@ def keep_freed_host_memory() -> bool:
     mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
+    if not (
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    ):
+        return False
+    tunables = [item for item in os.environ.get("GLIBC_TUNABLES", "").split(":") if item]
+    named = {item.split("=", 1)[0] for item in tunables}
+    for name, value in _TUNABLES.items():
+        if name not in named:
+            tunables.append(f"{name}={value}")
+    os.environ["GLIBC_TUNABLES"] = ":".join(tunables)
+    return True
