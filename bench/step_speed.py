@@ -467,6 +467,8 @@ def train_rate(
             PYTHONPATH=os.pathsep.join([folder, os.environ.get("PYTHONPATH", "")]),
             METALEARN_TRUSTED_TARGETS="step_times.",
         )
+        if not args.keep_host_memory:  # glibc's defaults, not those this process exports
+            environment.pop("GLIBC_TUNABLES", None)
         done = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=REPO)
         if done.returncode:
             sys.exit(f"train.py failed ({done.returncode}): {done.stderr[-2000:]}")
