@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from metalearn.data.episodes import EpisodeBatch
-from metalearn.lightning.episodic import BatchStats, EpisodeChunk, EpisodicModule, Nonfinite
+from metalearn.lightning.episodic import EpisodicModule
 
 __all__ = ["PrototypicalNetwork", "prototype_logits"]
 
@@ -50,29 +47,9 @@ class PrototypicalNetwork(EpisodicModule):
     prototypes; the backbone is trained on the query cross-entropy. No inner loop: the
     evaluation curve has one point (``eval_steps == 0``).
 
-    Args:
-        backbone: Hydra config (``_target_``) of the representation network.
-        batch_stats: grouping of BatchNorm statistics, see :data:`BatchStats`.
-        optimizer: Hydra config of the optimizer, ``_partial_: true``.
-        lr_decay: inverse-time decay of the learning rate per step (0: constant).
-        nonfinite: ``"raise"`` or ``"skip"`` on an inf/NaN training loss.
-        episode_chunk: episodes per backbone call (see
-            :class:`~metalearn.lightning.episodic.EpisodicModule`).
+    Its settings are :class:`~metalearn.lightning.episodic.EpisodicModule`'s (backbone,
+    BatchNorm statistics, optimizer, decay, non-finite losses, compile, episode chunk).
     """
-
-    def __init__(
-        self,
-        backbone: Mapping[str, Any],
-        batch_stats: BatchStats = "episode",
-        optimizer: Mapping[str, Any] | None = None,
-        lr_decay: float = 1e-5,
-        nonfinite: Nonfinite = "raise",
-        compile: bool | str = False,
-        episode_chunk: EpisodeChunk = "auto",
-    ) -> None:
-        super().__init__(
-            backbone, batch_stats, optimizer, lr_decay, nonfinite, compile, episode_chunk
-        )
 
     def episode_logits(
         self, batch: EpisodeBatch, steps: int = 0, per_step: bool = False
