@@ -41,16 +41,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from sampling_speed import SETTINGS  # bench/ is this script's folder
 from step_speed import train_rate
+
+from metalearn.data.episodes import EpisodeSampler
+from metalearn.data.sets.miniimagenet import miniimagenet_root
+from metalearn.lightning import HyperRepresentation
+from metalearn.utils.host_memory import keep_freed_host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 #: the backbones of bench/sampling_speed.py: conv4 on Omniglot and on 84 x 84 RGB
@@ -71,12 +80,6 @@ MINIIMAGENET_CLASSES = {"train": 16, "val": 5, "test": 5}
 
 def child(case: str, keep: bool) -> dict[str, float]:
     """One case in this process: median step seconds and minor page faults per step."""
-    import torch
-
-    from metalearn.data.episodes import EpisodeSampler
-    from metalearn.lightning import HyperRepresentation
-    from metalearn.utils.host_memory import keep_freed_host_memory
-
     if keep and not keep_freed_host_memory():
         sys.exit("this C library is not glibc: extras.keep_host_memory does nothing here")
     backbone, ways, shots, meta_batch, chunk, steps = CASES[case]
@@ -116,12 +119,6 @@ def run_child(case: str, keep: bool) -> dict[str, float]:
 def generated_miniimagenet(folder: Path) -> Path:
     """A miniImageNet copy in the pickle format (``mini-imagenet-cache-<split>.pkl``) of
     random images: 16 / 5 / 5 classes of 20 images. Returns the data folder."""
-    import pickle
-
-    import numpy as np
-
-    from metalearn.data.sets.miniimagenet import miniimagenet_root
-
     root = miniimagenet_root(folder)
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -135,16 +132,14 @@ def generated_miniimagenet(folder: Path) -> Path:
 
 def train_rates(args: argparse.Namespace) -> list[dict[str, Any]]:
     """train.py's steady-state episodes/s with extras.keep_host_memory false and true."""
-    import tempfile
-
-    import torch
-
     folder = tempfile.TemporaryDirectory()
     counts = ",".join(f"{split}:{n}" for split, n in MINIIMAGENET_CLASSES.items())
-    runs = {
-        "omniglot_5w1s_quick": (300, args.data_dir, []),
-        "omniglot_5w1s_quick, one call": (300, args.data_dir, ["model.episode_chunk=null"]),
-        "miniimagenet_5w1s": (
+    # (experiment, steps, data folder, overrides)
+    runs: list[tuple[str, int, str | None, list[str]]] = [
+        ("omniglot_5w1s_quick", 300, args.data_dir, []),
+        ("omniglot_5w1s_quick", 300, args.data_dir, ["model.episode_chunk=null"]),
+        (
+            "miniimagenet_5w1s",
             40,
             str(generated_miniimagenet(Path(folder.name))),
             [
@@ -155,10 +150,9 @@ def train_rates(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"paths.cache_dir={folder.name}/cache",
             ],
         ),
-    }
+    ]
     rows = []
-    for name, (steps, data_dir, overrides) in runs.items():
-        experiment = name.split(",")[0]
+    for experiment, steps, data_dir, overrides in runs:
         if data_dir is None:
             continue
         rates: dict[str, list[float]] = {"false": [], "true": []}
@@ -209,8 +203,6 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.keep)))
         return
-    import torch
-
     for case in [] if args.only_train else args.cases:
         rounds = [(run_child(case, False), run_child(case, True)) for _ in range(args.rounds)]
         default_ms = [1e3 * d["s"] for d, _ in rounds]

@@ -132,8 +132,8 @@ class EpisodicModule(pl.LightningModule):
             mode and ``per_step`` differ), and each compile time is reported once.
             Learners whose step cannot be traced set :attr:`compile_unsupported`.
         episode_chunk: how many episodes of a meta-batch one backbone call embeds:
-            ``"auto"`` (one at a time on the CPU, where it is faster, the whole meta-batch
-            on a GPU), an integer, or ``None`` (the whole meta-batch), see
+            ``"auto"`` (one at a time on the CPU, the whole meta-batch on a GPU), an
+            integer, or ``None`` (the whole meta-batch), see
             :data:`~metalearn.models.normalization.EpisodeChunk`. The features do not
             depend on it; an integer needs per-episode statistics (``batch_stats``
             episode, split or support).

@@ -159,8 +159,8 @@ def embed_episodes(
     with the BatchNorm statistics of ``batch_stats`` (:data:`BatchStats`).
 
     ``chunk`` (``None``: all B; see :func:`episodes_per_call`) embeds the meta-batch that
-    many episodes per backbone call, which gives the same features when the statistics are per episode or per set
-    (:data:`PER_EPISODE_STATS`; a ``ValueError`` otherwise).
+    many episodes per backbone call, which gives the same features when the statistics are
+    per episode or per set (:data:`PER_EPISODE_STATS`; a ``ValueError`` otherwise).
 
     Returns:
         ``(support features (B, S, d), query features (B, Q, d))``.
